@@ -1,0 +1,1 @@
+"""Everything Ray and MLflow: data, training, evaluation, tuning, tracking, the CLI."""
