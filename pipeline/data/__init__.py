@@ -1,0 +1,1 @@
+"""Sharded records: converters, synthetic data, Ray Data reading and augmentation."""
