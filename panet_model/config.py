@@ -10,16 +10,10 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-BACKBONES = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-)
+T = TypeVar("T")
+
 BackboneName = Literal[
     "resnet18", "resnet34", "resnet50", "resnet101", "resnext101_32x8d", "resnext101_64x4d"
 ]
@@ -150,9 +144,7 @@ class PANetConfig:
         Raises:
             ValueError: naming the key, for an unknown key or a value of the wrong type or range.
         """
-        cfg: PANetConfig = self
-        for key, value in updates.items():
-            cfg = _replace_dotted(cfg, key.split("."), value, key)
+        cfg = apply_overrides(self, updates)
         cfg.validate()
         return cfg
 
@@ -179,7 +171,7 @@ class PANetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PANetConfig:
         """Build from a nested dict (e.g. YAML): every key is validated like `override`."""
-        return cls().override(_flatten(data))
+        return cls().override(flatten(data))
 
     def validate(self) -> None:
         """Cross-field checks; raises ValueError naming the key."""
@@ -288,12 +280,24 @@ def _check(ok: bool, key: str, expected: str) -> None:
         raise ValueError(f"config key {key!r}: expected {expected}")
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def apply_overrides(obj: T, updates: dict[str, Any]) -> T:
+    """A copy of the frozen dataclass `obj` with dotted keys replaced and type-checked.
+
+    Raises:
+        ValueError: naming the key, for an unknown key or a value of the wrong type.
+    """
+    for key, value in updates.items():
+        obj = _replace_dotted(obj, key.split("."), value, key)
+    return obj
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; dicts are sections, everything else a value."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, dotted + "."))
+            out.update(flatten(value, dotted + "."))
         else:
             out[dotted] = value
     return out

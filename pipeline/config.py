@@ -1,0 +1,235 @@
+"""The training job's configuration: YAML plus `--set dotted.key=value`, validated up front.
+
+Every section is a frozen dataclass; `model` is the model library's `PANetConfig`, built from
+`model.preset` and then overridden key by key, so `--set model.afp.fusion=sum` works like any
+other key. Nothing here touches Ray: a bad config fails before the cluster is contacted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+
+from panet_model import PANetConfig
+from panet_model.config import apply_overrides, flatten
+
+if TYPE_CHECKING:
+    from pipeline.data.augment import AugmentConfig
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: str = ""  # shard directory of the training records
+    val: str = ""  # shard directory of the validation records
+    train_scales: tuple[int, ...] = (1200, 1000, 800, 600, 400)  # MST short sides (paper code)
+    scale_range: bool = False  # sample the short side uniformly in [min, max] of train_scales
+    max_size: int = 1400  # long side cap of the training resize
+    flip_prob: float = 0.5  # horizontal flip probability
+    decode_cpus: float = 1.0  # logical CPUs per Ray Data decode task
+
+
+@dataclass(frozen=True)
+class SolverSection:
+    ims_per_batch: int = 16  # global batch: images per step over all workers
+    base_lr: float = 0.02  # learning rate for base_batch images (paper: 0.02 at 16)
+    base_batch: int = 16  # the lr scales linearly with ims_per_batch / base_batch
+    max_steps: int = 160000  # optimizer steps in all (paper: 120k + 40k)
+    decay_steps: tuple[int, ...] = (120000,)  # steps where the lr is multiplied by gamma
+    gamma: float = 0.1  # step decay factor
+    warmup_steps: int = 500  # linear warm-up length (authors' code)
+    warmup_factor: float = 0.3333333333333333  # warm-up starts at this fraction of the lr
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # on weights
+    weight_decay_norm: float = 0.0  # on norm parameters and biases (authors' code: none)
+    bias_lr_factor: float = 1.0  # bias learning rate multiplier (authors' code: 2)
+    clip_grad_norm: float = 0.0  # max gradient norm, 0 = no clipping
+    amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision on GPU (CPU runs fp32)
+    max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops with an error
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
+    cpus_per_worker: float = 1.0  # logical CPUs reserved by each worker
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 2000  # checkpoint period in steps (and one at the end)
+    keep_best: int = 3  # checkpoints kept by segm AP (the latest is always kept too)
+    storage_path: str = "runs"  # checkpoints, Ray results and the local MLflow store
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 0  # evaluation period in steps, 0 = only at the end
+    batch_size: int = 2  # images per inference batch on each worker
+    pictures: int = 4  # validation images drawn with predictions at each evaluation
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    uri: str = ""  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; empty = local SQLite
+    experiment: str = "panet"  # MLflow experiment name
+    log_model: bool = True  # log the final model with mlflow.pytorch
+
+
+@dataclass(frozen=True)
+class RaySection:
+    address: str = ""  # cluster address; empty = RAY_ADDRESS or a new local instance
+    num_cpus: int = 0  # logical CPUs of a new local instance, 0 = enough for workers + data
+    max_failures: int = 3  # worker failures recovered from the last checkpoint
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = "panet"  # job name; re-running the same name resumes it
+    seed: int = 0  # seeds model init, data order and augmentation
+    log_every: int = 20  # steps between progress lines and metric logs
+    model_preset: str = "tiny"  # preset the model section starts from
+    model: PANetConfig = field(default_factory=lambda: PANetConfig.preset("tiny"))
+    data: DataSection = field(default_factory=DataSection)
+    solver: SolverSection = field(default_factory=SolverSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    @property
+    def lr(self) -> float:
+        """The peak learning rate after linear scaling with the global batch."""
+        return self.solver.base_lr * self.solver.ims_per_batch / self.solver.base_batch
+
+    def augment(self) -> AugmentConfig:
+        """The Ray Data reader's augmentation settings."""
+        from pipeline.data.augment import AugmentConfig
+
+        d = self.data
+        return AugmentConfig(
+            scales=tuple(d.train_scales),
+            scale_range=d.scale_range,
+            max_size=d.max_size,
+            flip_prob=d.flip_prob,
+            seed=self.seed,
+        )
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.solver.ims_per_batch // self.scaling.num_workers
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.checkpoint.storage_path).resolve() / self.name
+
+    def flat(self) -> dict[str, Any]:
+        """Every key as `{"dotted.key": value}` (the model's under `model.`)."""
+        out = {
+            k: v for k, v in flatten(dataclasses.asdict(self)).items() if not k.startswith("model.")
+        }
+        out.update({f"model.{k}": v for k, v in self.model.flat().items()})
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain values, loadable again with `load_job_config`."""
+        out = _plain(dataclasses.asdict(self))
+        out["model"] = {"preset": self.model_preset, **self.model.to_dict()}
+        del out["model_preset"]
+        return out
+
+    def validate(self) -> None:
+        """Cross-field checks that need no cluster; raises ValueError naming the key."""
+        self.model.validate()
+        s, sc = self.solver, self.scaling
+        _require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
+        _require(sc.num_workers >= 1, "scaling.num_workers", ">= 1")
+        _require(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "> 0")
+        _require(
+            s.ims_per_batch % sc.num_workers == 0 and s.ims_per_batch >= sc.num_workers,
+            "solver.ims_per_batch",
+            f"a multiple of scaling.num_workers ({sc.num_workers})",
+        )
+        _require(s.max_steps >= 1, "solver.max_steps", ">= 1")
+        _require(s.base_lr > 0, "solver.base_lr", "> 0")
+        _require(0 < s.warmup_factor <= 1, "solver.warmup_factor", "in (0, 1]")
+        _require(
+            list(s.decay_steps) == sorted(s.decay_steps), "solver.decay_steps", "increasing steps"
+        )
+        _require(s.max_bad_steps >= 0, "solver.max_bad_steps", ">= 0")
+        _require(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
+        _require(self.checkpoint.keep_best >= 1, "checkpoint.keep_best", ">= 1")
+        _require(self.eval.every_steps >= 0, "eval.every_steps", ">= 0")
+        _require(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")
+        _require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
+        _require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
+        _require(self.log_every >= 1, "log_every", ">= 1")
+        try:
+            self.augment()
+        except ValueError as err:
+            raise ValueError(f"config key 'data.train_scales': {err}") from err
+        _require(bool(self.data.train), "data.train", "the training shard directory")
+        _require(bool(self.data.val), "data.val", "the validation shard directory")
+
+
+def _require(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config key {key!r}: expected {expected}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=[1, 2]"]` -> `{"a.b": 1, "c": [1, 2]}`; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected dotted.key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None) -> JobConfig:
+    """Read a YAML job config, apply `--set` overrides, and validate everything.
+
+    Args:
+        path: a YAML file, or None for the defaults.
+        sets: dotted overrides, applied after the file.
+
+    Raises:
+        ValueError: naming the file or the key that is wrong.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(p)!r} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(p)!r}: expected a mapping at the top level")
+        data = loaded or {}
+    updates = flatten(data)
+    updates.update(sets or {})
+    if "model_preset" in updates:
+        raise ValueError("config key 'model_preset': set 'model.preset' instead")
+    preset = updates.pop("model.preset", "tiny")
+    if not isinstance(preset, str):
+        raise ValueError(f"config key 'model.preset': expected a preset name, got {preset!r}")
+    job = JobConfig(model_preset=preset, model=PANetConfig.preset(preset))
+    job = apply_overrides(job, updates)
+    job.validate()
+    return job

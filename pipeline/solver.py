@@ -1,0 +1,60 @@
+"""The paper's optimisation recipe: SGD, linear warm-up, step decay, no decay on norms/biases."""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from pipeline.config import JobConfig
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def param_groups(model: nn.Module, job: JobConfig) -> list[dict]:
+    """SGD parameter groups: weights; norm parameters and biases without weight decay.
+
+    Biases get `bias_lr_factor` times the learning rate (the authors' code uses 2).
+    """
+    s = job.solver
+    decay, no_decay, biases = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, NORM_TYPES):
+                no_decay.append(p)
+            elif name == "bias":
+                biases.append(p)
+            else:
+                decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": s.weight_decay, "lr_factor": 1.0},
+        {"params": no_decay, "weight_decay": s.weight_decay_norm, "lr_factor": 1.0},
+        {"params": biases, "weight_decay": s.weight_decay_norm, "lr_factor": s.bias_lr_factor},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.SGD:
+    groups = param_groups(model, job)
+    for g in groups:
+        g["lr"] = job.lr * g["lr_factor"]
+    return torch.optim.SGD(groups, lr=job.lr, momentum=job.solver.momentum)
+
+
+def lr_factor(step: int, job: JobConfig) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up from `warmup_factor`, then steps."""
+    s = job.solver
+    decay = s.gamma ** bisect.bisect_right(list(s.decay_steps), step)
+    if step < s.warmup_steps:
+        alpha = step / s.warmup_steps
+        return decay * (s.warmup_factor * (1 - alpha) + alpha)
+    return decay
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, job: JobConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, job))

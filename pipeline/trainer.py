@@ -1,0 +1,322 @@
+"""Driver side of a training job: checks, Ray, the MLflow run, and `build_trainer`.
+
+`build_trainer` is shared by `panet train` and the Tune job. Everything that can be wrong with
+a config or the data is found by `preflight` before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import JobConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver worked out before starting the workers."""
+
+    num_classes: int  # categories + background
+    categories: dict[int, str]  # dataset category id -> name
+    inverse_labels: dict[int, int]  # contiguous label -> dataset category id
+    steps_per_epoch: int
+    train_rows: int
+    val_rows: int
+    manifest_id: str  # fingerprint of the training shards
+
+
+def preflight(job: JobConfig) -> Plan:
+    """Check the data against the config without Ray; raises ValueError naming the problem."""
+    from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
+    from pipeline.data.shards import load_manifest
+
+    for key, path in (("data.train", job.data.train), ("data.val", job.data.val)):
+        if not Path(path).exists():
+            raise ValueError(f"config key {key!r}: shard directory {path!r} does not exist")
+    train = _manifest(load_manifest, "data.train", job.data.train)
+    val = _manifest(load_manifest, "data.val", job.data.val)
+    train_cats = [(int(c["id"]), c["name"]) for c in train["categories"]]
+    val_cats = [(int(c["id"]), c["name"]) for c in val["categories"]]
+    if train_cats != val_cats:
+        raise ValueError(
+            f"data.train and data.val have different categories: {train_cats[:5]} vs {val_cats[:5]}"
+        )
+    try:
+        spe = steps_per_epoch(train, job.solver.ims_per_batch)
+    except ValueError as err:
+        raise ValueError(f"config key 'solver.ims_per_batch': {err}") from err
+    if num_rows(val) == 0:
+        raise ValueError(f"config key 'data.val': {job.data.val!r} holds no records")
+    return Plan(
+        num_classes=len(train_cats) + 1,
+        categories=dict(train_cats),
+        inverse_labels=inverse_label_map(train),
+        steps_per_epoch=spe,
+        train_rows=num_rows(train),
+        val_rows=num_rows(val),
+        manifest_id=str(train.get("fingerprint", "")),
+    )
+
+
+def _manifest(load: Any, key: str, path: str) -> dict:
+    try:
+        return load(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"config key {key!r}: {err}") from err
+
+
+def connect_ray(job: JobConfig) -> None:
+    """Join the configured cluster, or start a local one with CPUs for the data tasks too.
+
+    On a 2-core machine, 2 train workers holding 1 CPU each would leave Ray Data no slot and
+    the run would hang; a local instance therefore gets more logical CPUs than train workers.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = job.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+        return
+    need = job.scaling.num_workers * job.scaling.cpus_per_worker + 2
+    num_cpus = job.ray.num_cpus or int(max(os.cpu_count() or 1, need) + 0.999)
+    ray.init(num_cpus=num_cpus)
+
+
+def check_resources(job: JobConfig) -> None:
+    """Fail before any worker starts if the cluster cannot hold the workers plus data tasks."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    need = job.scaling.num_workers * job.scaling.cpus_per_worker
+    if need + job.data.decode_cpus > cpus:
+        raise ValueError(
+            f"config key 'scaling.num_workers': {job.scaling.num_workers} workers x "
+            f"{job.scaling.cpus_per_worker} CPU need {need:g} CPUs plus "
+            f"{job.data.decode_cpus:g} for Ray Data, but the cluster has {cpus:g}"
+        )
+    if job.scaling.use_gpu and job.scaling.num_workers > gpus:
+        raise ValueError(
+            f"config key 'scaling.use_gpu': {job.scaling.num_workers} workers need one GPU each, "
+            f"but the cluster has {gpus:g}"
+        )
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=_repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import mlflow
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "version.torch": torch.__version__,
+        "version.torchvision": torchvision.__version__,
+        "version.ray": ray.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.python": platform.python_version(),
+    }
+
+
+def open_run(job: JobConfig, plan: Plan) -> tuple[str, str]:
+    """The job's MLflow run: created once, then resumed by every re-run of the same job name.
+
+    The run id lives in `<storage>/<name>/mlflow_run.json` (and in every checkpoint), so a
+    resumed or restarted job logs into the same run and never creates a duplicate.
+
+    Returns:
+        (tracking_uri, run_id)
+    """
+    from pipeline import tracking
+
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
+    record = job.run_dir / "mlflow_run.json"
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
+    run_id = tracking.start_or_resume_run(
+        uri, job.tracking.experiment, job.name, run_id, tags={"job": job.name}
+    )
+    record.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    params: dict[str, Any] = dict(job.flat())
+    params.update(versions())
+    params.update(
+        {
+            "git_commit": git_commit(),
+            "world_size": job.scaling.num_workers,
+            "data.manifest_id": plan.manifest_id,
+            "data.train_rows": plan.train_rows,
+            "data.val_rows": plan.val_rows,
+            "num_classes": plan.num_classes,
+            "lr_scaled": job.lr,
+        }
+    )
+    tracking.log_params(uri, run_id, params)
+    tracking.log_dict(uri, run_id, job.to_dict(), "config/resolved_config.json")
+    return uri, run_id
+
+
+def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) -> Any:
+    """A `TorchTrainer` for the job: DDP workers fed by the Ray Data reader."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
+    from pipeline.train_loop import train_loop_per_worker
+
+    aug = job.augment()
+    datasets = {
+        "train": build_train_dataset(
+            job.data.train, aug, seed=job.seed, num_cpus=job.data.decode_cpus
+        ),
+        "eval": build_eval_dataset(job.data.val, num_cpus=job.data.decode_cpus),
+    }
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    if job.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job,
+            "num_classes": plan.num_classes,
+            "categories": plan.categories,
+            "inverse_labels": plan.inverse_labels,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=job.scaling.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=str(Path(job.checkpoint.storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=job.checkpoint.keep_best,
+                checkpoint_score_attribute="segm_AP",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=job.ray.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ReaderDataConfig(eval_datasets=("eval",)),
+    )
+
+
+def run_training(job: JobConfig) -> dict[str, Any]:
+    """`panet train`: check, connect, open the MLflow run, train, and return the final metrics.
+
+    Returns:
+        {"metrics": the 12 COCO metrics of the last evaluation, "tracking_uri", "run_id",
+        "checkpoint": path of the latest checkpoint}.
+    """
+    from pipeline import tracking
+
+    plan = preflight(job)
+    connect_ray(job)
+    check_resources(job)
+    uri, run_id = open_run(job, plan)
+    print(
+        f"[panet] job {job.name!r}: {plan.train_rows} training / {plan.val_rows} validation images, "
+        f"{plan.num_classes - 1} classes, {job.scaling.num_workers} workers x "
+        f"{job.local_batch_size} images, {job.solver.max_steps} steps "
+        f"({plan.steps_per_epoch} per epoch), MLflow run {run_id}",
+        flush=True,
+    )
+    trainer = build_trainer(job, plan, uri, run_id)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.finish_run(uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+        raise
+    reported = dict(result.metrics or {})
+    metrics = {
+        k.replace("_", "/", 1): float(v)
+        for k, v in reported.items()
+        if k.startswith(("bbox_", "segm_"))
+    }
+    tracking.finish_run(uri, run_id, "FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return {"metrics": metrics, "tracking_uri": uri, "run_id": run_id, "checkpoint": checkpoint}
+
+
+def _interrupted() -> bool:
+    import sys
+
+    exc = sys.exc_info()[1]
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> dict[str, float]:
+    """`panet eval`: distributed inference over `data`, scored with pycocotools on rank 0."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.checkpointing import load_state
+    from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, inverse_label_map
+    from pipeline.data.shards import load_manifest
+    from pipeline.train_loop import eval_loop_per_worker
+
+    state = load_state(checkpoint)  # fails here, naming the file, before Ray starts
+    manifest = load_manifest(data)
+    names = [c["name"] for c in manifest["categories"]]
+    trained = list(state.get("categories", {}).values())
+    if trained and trained != names:
+        raise ValueError(
+            f"data {data!r} has categories {names[:5]}, the checkpoint was trained on {trained[:5]}"
+        )
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS", "")
+        ray.init(address=address) if address else ray.init(
+            num_cpus=max(os.cpu_count() or 1, num_workers + 2)
+        )
+    path = str(Path(checkpoint).resolve())
+    trainer = TorchTrainer(
+        eval_loop_per_worker,
+        train_loop_config={
+            "checkpoint": path,
+            "data": str(Path(data).resolve()),
+            "batch_size": batch_size,
+            "inverse_labels": inverse_label_map(manifest),
+        },
+        scaling_config=ScalingConfig(num_workers=num_workers),
+        run_config=RunConfig(
+            name=f"eval-{os.getpid()}", storage_path=tempfile.mkdtemp(prefix="panet-eval-")
+        ),
+        datasets={"eval": build_eval_dataset(data)},
+        dataset_config=ReaderDataConfig(eval_datasets=("eval",)),
+    )
+    result = trainer.fit()
+    return {
+        k.replace("_", "/", 1): float(v)
+        for k, v in (result.metrics or {}).items()
+        if k.startswith(("bbox_", "segm_"))
+    }

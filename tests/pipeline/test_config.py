@@ -1,0 +1,92 @@
+"""Job config: YAML + --set, validated before anything touches Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import JobConfig, load_job_config, parse_set
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    job = load_job_config(path)
+    assert job.name and job.model_preset in ("tiny", "rbl", "panet")
+    # A config written back loads to the same thing.
+    again = load_job_config(None, {**_flat_sets(job.to_dict())})
+    assert again == job
+
+
+def _flat_sets(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_sets(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_set_overrides_model_and_job_keys() -> None:
+    job = load_job_config(
+        REPO / "jobs/configs/tiny_synth.yaml",
+        parse_set(["model.afp.fusion=sum", "solver.max_steps=7", "data.train_scales=[200, 300]"]),
+    )
+    assert job.model.afp.fusion == "sum"
+    assert job.solver.max_steps == 7
+    assert job.data.train_scales == (200, 300)
+    assert job.local_batch_size == job.solver.ims_per_batch // job.scaling.num_workers
+
+
+def test_preset_switch_keeps_other_model_keys() -> None:
+    job = load_job_config(
+        None, {"model.preset": "rbl", "model.afp.enabled": True, "data.train": "a", "data.val": "b"}
+    )
+    assert job.model_preset == "rbl" and job.model.afp.enabled and not job.model.bpa.enabled
+
+
+def test_lr_scales_with_the_global_batch() -> None:
+    job = load_job_config(
+        None,
+        {"data.train": "a", "data.val": "b", "solver.ims_per_batch": 8, "scaling.num_workers": 4},
+    )
+    assert job.lr == pytest.approx(0.02 * 8 / 16)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["solver.max_stepz=3"], "solver.max_stepz"),
+        (["solver.max_steps=three"], "solver.max_steps"),
+        (["model.afp.fusion=min"], "model.afp.fusion"),
+        (["model.preset=huge"], "huge"),
+        (["scaling.num_workers=3"], "solver.ims_per_batch"),
+        (["scaling.num_workers=0"], "scaling.num_workers"),
+        (["solver.decay_steps=[5, 2]"], "solver.decay_steps"),
+        (["data.val="], "data.val"),
+        (["name=a/b"], "name"),
+    ],
+)
+def test_bad_config_names_the_key(sets: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        load_job_config(REPO / "jobs/configs/tiny_synth.yaml", parse_set(sets))
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_job_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ValueError, match="bad.yaml.*not valid YAML"):
+        load_job_config(bad)
+    with pytest.raises(ValueError, match="expected dotted.key=value"):
+        parse_set(["novalue"])
+
+
+def test_flat_has_model_keys() -> None:
+    flat = JobConfig().flat()
+    assert flat["model.afp.fusion"] == "max" and flat["solver.base_lr"] == 0.02

@@ -1,0 +1,50 @@
+"""The paper's recipe: warm-up, step decay, no weight decay on norms and biases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import load_job_config
+from pipeline.solver import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+def job(**sets):
+    base = {
+        "data.train": "a",
+        "data.val": "b",
+        "solver.warmup_steps": 10,
+        "solver.decay_steps": [20, 30],
+    }
+    return load_job_config(None, {**base, **sets})
+
+
+def test_lr_schedule() -> None:
+    j = job()
+    assert lr_factor(0, j) == pytest.approx(1 / 3)
+    assert lr_factor(5, j) == pytest.approx(1 / 3 + (1 - 1 / 3) * 0.5)
+    assert lr_factor(10, j) == 1.0
+    assert lr_factor(20, j) == pytest.approx(0.1)
+    assert lr_factor(35, j) == pytest.approx(0.01)
+
+
+def test_param_groups_and_scheduler() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    j = job(**{"solver.bias_lr_factor": 2.0})
+    groups = param_groups(model, j)
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert ids[0] == {id(model[2].weight)}
+    assert ids[1] == {id(model[1].weight), id(model[1].bias)}
+    assert ids[2] == {id(model[0].bias), id(model[2].bias)}
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0, 0.0]
+    opt = build_optimizer(model, j)
+    sched = build_scheduler(opt, j)
+    assert opt.param_groups[0]["lr"] == pytest.approx(j.lr / 3)
+    assert opt.param_groups[2]["lr"] == pytest.approx(2 * j.lr / 3)
+    for _ in range(25):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(j.lr * 0.1)
+    assert torch.is_tensor(model[2].weight)
