@@ -18,6 +18,11 @@ from typing import Any
 from pipeline.config import JobConfig
 
 
+# Ray Train V2 turns print() on workers into log records *and* tees it to stdout (printed twice
+# on the driver), and it defeats redirect_stdout (pycocotools' chatter leaks): plain print.
+WORKER_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+
+
 @dataclass(frozen=True)
 class Plan:
     """What the driver worked out before starting the workers."""
@@ -224,6 +229,7 @@ def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) ->
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=job.ray.max_failures),
+            worker_runtime_env=WORKER_ENV,
         ),
         datasets=datasets,
         dataset_config=ReaderDataConfig(eval_datasets=("eval",)),
