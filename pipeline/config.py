@@ -232,4 +232,19 @@ def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None)
     job = JobConfig(model_preset=preset, model=PANetConfig.preset(preset))
     job = apply_overrides(job, updates)
     job.validate()
-    return job
+    return with_absolute_paths(job)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path or not path else str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(job: JobConfig) -> JobConfig:
+    """Local paths made absolute: Ray workers do not run in the driver's directory."""
+    return dataclasses.replace(
+        job,
+        data=dataclasses.replace(job.data, train=_absolute(job.data.train), val=_absolute(job.data.val)),
+        checkpoint=dataclasses.replace(
+            job.checkpoint, storage_path=_absolute(job.checkpoint.storage_path)
+        ),
+    )

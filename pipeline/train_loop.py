@@ -293,8 +293,11 @@ def train_loop(
                 save_checkpoint(model, optimizer, scheduler, scaler, ctx, step, metrics)
             waited_from = time.perf_counter()
     if rank == 0 and job.tracking.log_model:
-        uri = tracking.log_model(ctx["tracking_uri"], run_id, unwrap(model))
-        print(f"[train] model logged to MLflow: {uri}")
+        try:
+            uri = tracking.log_model(ctx["tracking_uri"], run_id, unwrap(model), step=step)
+            print(f"[train] model logged to MLflow: {uri}")
+        except Exception as err:  # noqa: BLE001 - the checkpoint holds the model anyway
+            print(f"[train] warning: could not log the model to MLflow: {err}")
 
 
 def run_evaluation(
