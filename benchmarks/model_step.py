@@ -327,7 +327,7 @@ def main() -> None:
         for name, u in tiny_variants().items()
     ]
     run_group(tiny, sample_batch(TINY_SHORT, TINY_LONG, 6, seed=1), max(reps, 2))
-    print(f"\ntiny preset, {TINY_SHORT} px short side, batch 2, 128 RoIs an image")
+    print(f"\ntiny preset, {TINY_SHORT} px short side, batch 2, 64 RoIs an image")
     print_table(tiny, tiny[0], peak)
 
     by = {r.name: r for r in r50}

@@ -258,7 +258,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rpn.pre_nms_top_n_test": 300,
         "rpn.post_nms_top_n_train": 300,
         "rpn.post_nms_top_n_test": 100,
-        "roi.batch_size_per_image": 128,
+        "roi.batch_size_per_image": 64,  # the heads dominate a tiny step: 128 -> 64 is 1.7x faster
         "afp.enabled": True,
         "box_head.type": "4conv1fc",
         "box_head.representation_size": 256,

@@ -111,17 +111,28 @@ def test_two_worker_syncbn_run_logs_everything(cluster, shards, server, tmp_path
     for iou in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
             assert f"{iou}/{name}" in metrics
-    for key in ("train/loss", "train/loss_mask", "train/lr", "train/images_per_s", "train/data_wait_fraction"):
+    for key in (
+        "train/loss",
+        "train/loss_mask",
+        "train/lr",
+        "train/images_per_s",
+        "train/data_wait_fraction",
+    ):
         assert metric_steps(client, run.info.run_id, key) == [2, 4, 6]
     assert metric_steps(client, run.info.run_id, "segm/AP") == [3, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "predictions", "level_share"} <= artifacts
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
-    assert pictures == ["predictions/predictions_step00000003.png", "predictions/predictions_step00000006.png"]
+    assert pictures == [
+        "predictions/predictions_step00000003.png",
+        "predictions/predictions_step00000006.png",
+    ]
     charts = [a.path for a in client.list_artifacts(run.info.run_id, "level_share")]
     assert "level_share/level_share_step00000006.png" in charts
     # The final model loads back by its URI and equals the checkpoint's weights.
-    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list"
+    )
     assert len(models) == 1
     mlflow.set_tracking_uri(server)
     loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}", map_location="cpu")
@@ -153,7 +164,12 @@ def test_killed_worker_recovers_from_the_last_checkpoint(cluster, shards, tmp_pa
     job = job_for(
         shards,
         tmp_path,
-        **{"name": "kill-job", "solver.max_steps": 12, "checkpoint.every_steps": 4, "eval.every_steps": 0},
+        **{
+            "name": "kill-job",
+            "solver.max_steps": 12,
+            "checkpoint.every_steps": 4,
+            "eval.every_steps": 0,
+        },
     )
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run_training(job)), daemon=True)
