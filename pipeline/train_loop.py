@@ -6,6 +6,7 @@ SyncBN, the NaN vote, the eval gather, `ray.train.report`) the same number of ti
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -176,6 +177,8 @@ def save_checkpoint(
                 config=job.to_dict(),
                 metrics=dict(metrics),
             )
+            # Beside the state: the driver reads the final metrics without loading the model.
+            (Path(tmp) / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:08d}")
 

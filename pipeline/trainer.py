@@ -262,14 +262,13 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED" if not _interrupted() else "KILLED")
         raise
-    reported = dict(result.metrics or {})
-    metrics = {
-        k.replace("_", "/", 1): float(v)
-        for k, v in reported.items()
-        if k.startswith(("bbox_", "segm_"))
-    }
     tracking.finish_run(uri, run_id, "FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    metrics: dict[str, float] = {}
+    if checkpoint is not None:
+        # The latest checkpoint always exists after a run and carries the last evaluation.
+        saved = json.loads((Path(checkpoint) / "metrics.json").read_text())
+        metrics = {k: float(v) for k, v in saved.items() if k.startswith(("bbox/", "segm/"))}
     return {"metrics": metrics, "tracking_uri": uri, "run_id": run_id, "checkpoint": checkpoint}
 
 
