@@ -29,7 +29,7 @@ def read_samples(shard_dir: str, count: int, label_of: dict[int, int]) -> list[d
 
     samples = []
     for record in islice(iter_records(shard_dir), count):
-        image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+        image = np.array(Image.open(io.BytesIO(record["image"])).convert("RGB"))
         h, w = image.shape[:2]
         anns = [a for a in record["annotations"] if not a["iscrowd"]]
         masks = (

@@ -15,12 +15,12 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline import tracking
 from pipeline.config import load_job_config
 from pipeline.trainer import run_training
 from tests.mlflow_server import mlflow_server
@@ -130,12 +130,9 @@ def test_two_worker_syncbn_run_logs_everything(cluster, shards, server, tmp_path
     charts = [a.path for a in client.list_artifacts(run.info.run_id, "level_share")]
     assert "level_share/level_share_step00000006.png" in charts
     # The final model loads back by its URI and equals the checkpoint's weights.
-    models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], output_format="list"
-    )
-    assert len(models) == 1
-    mlflow.set_tracking_uri(server)
-    loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}", map_location="cpu")
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == run.info.run_id
+    loaded = tracking.load_model(server, f"models:/{models[0].model_id}")
     for key, value in state["model"].items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
     assert set(result["metrics"]) >= {"bbox/AP", "segm/AP"}
