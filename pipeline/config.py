@@ -243,7 +243,9 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
     """Local paths made absolute: Ray workers do not run in the driver's directory."""
     return dataclasses.replace(
         job,
-        data=dataclasses.replace(job.data, train=_absolute(job.data.train), val=_absolute(job.data.val)),
+        data=dataclasses.replace(
+            job.data, train=_absolute(job.data.train), val=_absolute(job.data.val)
+        ),
         checkpoint=dataclasses.replace(
             job.checkpoint, storage_path=_absolute(job.checkpoint.storage_path)
         ),

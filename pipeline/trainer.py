@@ -17,7 +17,6 @@ from typing import Any
 
 from pipeline.config import JobConfig
 
-
 # Ray Train V2 turns print() on workers into log records *and* tees it to stdout (printed twice
 # on the driver), and it defeats redirect_stdout (pycocotools' chatter leaks): plain print.
 WORKER_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}

@@ -17,10 +17,11 @@ from pipeline.trainer import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-# Reached by the demo config at its step budget on this 2-core machine (see the README's AP
-# curve); the issue's target of 0.5 for both is not reached yet on this budget.
-MIN_SEGM_AP = 0.30
-MIN_BBOX_AP = 0.25
+# The demo config (600 steps of 4 images) reached bbox AP 0.456 / segm AP 0.489 here (AP curve in
+# the README). These floors leave room for run-to-run noise; the issue's target of 0.5 for both
+# is not reached yet on this budget (issue 4 stays open for it).
+MIN_SEGM_AP = 0.45
+MIN_BBOX_AP = 0.40
 
 
 def test_tiny_learns_the_synthetic_set(tmp_path: Path) -> None:
