@@ -28,21 +28,12 @@ WARMUP_WINDOWS = 2  # progress windows dropped before averaging (model build, fi
 
 
 def make_shards(root: Path, train: int, val: int) -> dict[str, Path]:
-    from pipeline.data.convert_coco import convert_coco
-    from pipeline.data.synth import write_synthetic
+    from pipeline.demo import ensure_shards
 
-    out = {}
-    for split, n, seed in (("train", train, 0), ("val", val, 1)):
-        write_synthetic("coco", n, seed, root / "raw" / split, split=split)
-        out[split] = root / "shards" / split
-        convert_coco(
-            root / "raw" / split / "annotations" / f"instances_{split}.json",
-            root / "raw" / split / "images" / split,
-            out[split],
-            workers=1,
-            progress=False,
-        )
-    return out
+    return {
+        "train": ensure_shards(root / "raw", root / "shards", "train", train, 0),
+        "val": ensure_shards(root / "raw", root / "shards", "val", val, 1),
+    }
 
 
 def plain_loop(shards: dict[str, Path], steps: int, batch: int, job: Any) -> float:

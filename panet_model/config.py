@@ -150,7 +150,7 @@ class PANetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The nested configuration as plain Python values (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def flat(self) -> dict[str, Any]:
         """The configuration as `{"dotted.key": value}`, e.g. for experiment tracking."""
@@ -163,7 +163,7 @@ class PANetConfig:
                 if dataclasses.is_dataclass(value):
                     walk(key + ".", value)
                 else:
-                    out[key] = _to_plain(value)
+                    out[key] = to_plain(value)
 
         walk("", self)
         return out
@@ -303,11 +303,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _to_plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
+    """Nested dicts, lists and tuples as dicts and lists (YAML/JSON friendly)."""
     if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 

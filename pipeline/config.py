@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from panet_model import PANetConfig
-from panet_model.config import apply_overrides, flatten
+from panet_model.config import apply_overrides, flatten, to_plain
 
 if TYPE_CHECKING:
     from pipeline.data.augment import AugmentConfig
@@ -137,7 +137,7 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain values, loadable again with `load_job_config`."""
-        out = _plain(dataclasses.asdict(self))
+        out = to_plain(dataclasses.asdict(self))
         out["model"] = {"preset": self.model_preset, **self.model.to_dict()}
         del out["model_preset"]
         return out
@@ -179,14 +179,6 @@ class JobConfig:
 def _require(ok: bool, key: str, expected: str) -> None:
     if not ok:
         raise ValueError(f"config key {key!r}: expected {expected}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

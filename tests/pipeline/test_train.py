@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
 from pipeline.config import load_job_config
+from pipeline.demo import ensure_shards
 from pipeline.trainer import run_training
 from tests.mlflow_server import mlflow_server
 
@@ -34,22 +35,11 @@ CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small synthetic data set converted to shards: 24 training and 8 validation images."""
-    from pipeline.data.convert_coco import convert_coco
-    from pipeline.data.synth import write_synthetic
-
     root = tmp_path_factory.mktemp("data")
-    out = {}
-    for split, n, seed in (("train", 24, 0), ("val", 8, 1)):
-        write_synthetic("coco", n, seed, root / "raw" / split, split=split)
-        out[split] = root / "shards" / split
-        convert_coco(
-            root / "raw" / split / "annotations" / f"instances_{split}.json",
-            root / "raw" / split / "images" / split,
-            out[split],
-            workers=1,
-            progress=False,
-        )
-    return out
+    return {
+        "train": ensure_shards(root / "raw", root / "shards", "train", 24, 0),
+        "val": ensure_shards(root / "raw", root / "shards", "val", 8, 1),
+    }
 
 
 @pytest.fixture(scope="module")
