@@ -175,22 +175,22 @@ class PANetConfig:
 
     def validate(self) -> None:
         """Cross-field checks; raises ValueError naming the key."""
-        _check(self.backbone.trainable_layers in range(6), "backbone.trainable_layers", "0..5")
+        require(self.backbone.trainable_layers in range(6), "backbone.trainable_layers", "0..5")
         sizes = self.rpn.anchor_sizes
-        _check(len(sizes) == 5, "rpn.anchor_sizes", "one tuple for each of the 5 RPN levels")
+        require(len(sizes) == 5, "rpn.anchor_sizes", "one tuple for each of the 5 RPN levels")
         counts = {len(s) for s in sizes}
-        _check(
+        require(
             len(counts) == 1 and all(len(s) > 0 for s in sizes),
             "rpn.anchor_sizes",
             "the same number of sizes on every level (the RPN head is shared across levels)",
         )
-        _check(len(self.rpn.aspect_ratios) > 0, "rpn.aspect_ratios", "at least one ratio")
-        _check(all(r > 0 for r in self.rpn.aspect_ratios), "rpn.aspect_ratios", "positive")
+        require(len(self.rpn.aspect_ratios) > 0, "rpn.aspect_ratios", "at least one ratio")
+        require(all(r > 0 for r in self.rpn.aspect_ratios), "rpn.aspect_ratios", "positive")
         for key in ("rpn.positive_fraction", "roi.positive_fraction"):
             value = self._get(key)
-            _check(0.0 < value <= 1.0, key, "a fraction in (0, 1]")
+            require(0.0 < value <= 1.0, key, "a fraction in (0, 1]")
         for key in ("rpn.nms_thresh", "roi.nms_thresh", "roi.fg_iou_thresh", "rpn.fg_iou_thresh"):
-            _check(0.0 < self._get(key) <= 1.0, key, "an IoU in (0, 1]")
+            require(0.0 < self._get(key) <= 1.0, key, "an IoU in (0, 1]")
         for key in (
             "fpn.out_channels",
             "box_head.representation_size",
@@ -204,16 +204,16 @@ class PANetConfig:
             "rpn.batch_size_per_image",
             "transform.max_size",
         ):
-            _check(self._get(key) > 0, key, "a positive integer")
-        _check(len(self.transform.min_size) > 0, "transform.min_size", "at least one size")
+            require(self._get(key) > 0, key, "a positive integer")
+        require(len(self.transform.min_size) > 0, "transform.min_size", "at least one size")
         ff = self.mask_head.ff
         start = int(ff.start[-1])
-        _check(
+        require(
             start <= self.mask_head.num_convs,
             "mask_head.ff.start",
             f"a conv of the {self.mask_head.num_convs}-conv mask head",
         )
-        _check(
+        require(
             self.mask_head.channels % 2 == 0 or not ff.enabled,
             "mask_head.channels",
             "even (the FF branch halves it)",
@@ -275,7 +275,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check(ok: bool, key: str, expected: str) -> None:
+def require(ok: bool, key: str, expected: str) -> None:
+    """Raise `ValueError` naming the config key unless `ok`."""
     if not ok:
         raise ValueError(f"config key {key!r}: expected {expected}")
 

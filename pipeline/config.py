@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from panet_model import PANetConfig
-from panet_model.config import apply_overrides, flatten, to_plain
+from panet_model.config import apply_overrides, flatten, require, to_plain
 
 if TYPE_CHECKING:
     from pipeline.data.augment import AugmentConfig
@@ -146,39 +146,34 @@ class JobConfig:
         """Cross-field checks that need no cluster; raises ValueError naming the key."""
         self.model.validate()
         s, sc = self.solver, self.scaling
-        _require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
-        _require(sc.num_workers >= 1, "scaling.num_workers", ">= 1")
-        _require(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "> 0")
-        _require(
+        require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
+        require(sc.num_workers >= 1, "scaling.num_workers", ">= 1")
+        require(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "> 0")
+        require(
             s.ims_per_batch % sc.num_workers == 0 and s.ims_per_batch >= sc.num_workers,
             "solver.ims_per_batch",
             f"a multiple of scaling.num_workers ({sc.num_workers})",
         )
-        _require(s.max_steps >= 1, "solver.max_steps", ">= 1")
-        _require(s.base_lr > 0, "solver.base_lr", "> 0")
-        _require(0 < s.warmup_factor <= 1, "solver.warmup_factor", "in (0, 1]")
-        _require(
+        require(s.max_steps >= 1, "solver.max_steps", ">= 1")
+        require(s.base_lr > 0, "solver.base_lr", "> 0")
+        require(0 < s.warmup_factor <= 1, "solver.warmup_factor", "in (0, 1]")
+        require(
             list(s.decay_steps) == sorted(s.decay_steps), "solver.decay_steps", "increasing steps"
         )
-        _require(s.max_bad_steps >= 0, "solver.max_bad_steps", ">= 0")
-        _require(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
-        _require(self.checkpoint.keep_best >= 1, "checkpoint.keep_best", ">= 1")
-        _require(self.eval.every_steps >= 0, "eval.every_steps", ">= 0")
-        _require(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")
-        _require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
-        _require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
-        _require(self.log_every >= 1, "log_every", ">= 1")
+        require(s.max_bad_steps >= 0, "solver.max_bad_steps", ">= 0")
+        require(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
+        require(self.checkpoint.keep_best >= 1, "checkpoint.keep_best", ">= 1")
+        require(self.eval.every_steps >= 0, "eval.every_steps", ">= 0")
+        require(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")
+        require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
+        require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
+        require(self.log_every >= 1, "log_every", ">= 1")
         try:
             self.augment()
         except ValueError as err:
             raise ValueError(f"config key 'data.train_scales': {err}") from err
-        _require(bool(self.data.train), "data.train", "the training shard directory")
-        _require(bool(self.data.val), "data.val", "the validation shard directory")
-
-
-def _require(ok: bool, key: str, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config key {key!r}: expected {expected}")
+        require(bool(self.data.train), "data.train", "the training shard directory")
+        require(bool(self.data.val), "data.val", "the validation shard directory")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

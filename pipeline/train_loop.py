@@ -379,27 +379,23 @@ def _duration(seconds: float) -> str:
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
     """`panet eval` on every worker: load a checkpoint, evaluate, report the metrics."""
     from panet_model import PANetConfig
-    from pipeline.evaluate import coco_ground_truth
+    from panet_model.config import flatten
+    from pipeline.evaluate import coco_ground_truth, evaluate
 
     rank, _ = world()
     device = ray.train.torch.get_device()
     state = load_state(config["checkpoint"])
     model_cfg = dict(state["config"]["model"])
     preset = model_cfg.pop("preset", "tiny")
-    cfg = PANetConfig.preset(preset).override(_flatten_model(model_cfg))
+    cfg = PANetConfig.preset(preset).override(flatten(model_cfg))
     model = build_panet(cfg, num_classes=int(state["num_classes"]))
     model.load_state_dict(state["model"])
     model.to(device)
     ctx = dict(config)
     ctx["gt"] = coco_ground_truth(config["data"]) if rank == 0 else None
     batches = iter_eval_batches(ray.train.get_dataset_shard("eval"), config["batch_size"])
-    from pipeline.evaluate import evaluate
-
     metrics = evaluate(model, batches, ctx["gt"], config["inverse_labels"], device)
+    if metrics is not None:
+        # Ray Train V2 hands the driver no metrics without a checkpoint: write them out.
+        Path(config["metrics_path"]).write_text(json.dumps(metrics))
     ray.train.report(_flat_metrics(metrics or {}))
-
-
-def _flatten_model(data: dict[str, Any]) -> dict[str, Any]:
-    from panet_model.config import flatten
-
-    return flatten(data)

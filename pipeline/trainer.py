@@ -303,6 +303,8 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
             num_cpus=max(os.cpu_count() or 1, num_workers + 2)
         )
     path = str(Path(checkpoint).resolve())
+    storage = Path(tempfile.mkdtemp(prefix="panet-eval-"))
+    metrics_path = storage / "metrics.json"
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={
@@ -310,17 +312,14 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
             "data": str(Path(data).resolve()),
             "batch_size": batch_size,
             "inverse_labels": inverse_label_map(manifest),
+            "metrics_path": str(metrics_path),
         },
         scaling_config=ScalingConfig(num_workers=num_workers),
         run_config=RunConfig(
-            name=f"eval-{os.getpid()}", storage_path=tempfile.mkdtemp(prefix="panet-eval-")
+            name=f"eval-{os.getpid()}", storage_path=str(storage), worker_runtime_env=WORKER_ENV
         ),
         datasets={"eval": build_eval_dataset(data)},
         dataset_config=ReaderDataConfig(eval_datasets=("eval",)),
     )
-    result = trainer.fit()
-    return {
-        k.replace("_", "/", 1): float(v)
-        for k, v in (result.metrics or {}).items()
-        if k.startswith(("bbox_", "segm_"))
-    }
+    trainer.fit()
+    return {k: float(v) for k, v in json.loads(metrics_path.read_text()).items()}
