@@ -38,6 +38,58 @@ R50_SHORT, R50_LONG = 512, 853
 TINY_SHORT, TINY_LONG = 256, 400
 
 
+def _roi_align_flops(
+    rois: torch.Tensor, scale: float, ph: int, pw: int, sampling: int, aligned: bool, channels: int
+) -> int:
+    """RoIAlign's arithmetic: one multiply-add (2 FLOPs) per bilinear tap (4 a sampling point)."""
+    if sampling > 0:
+        points = rois.shape[0] * ph * pw * sampling * sampling
+    else:  # adaptive: ceil(roi size / bins) points per bin side, per RoI
+        w = (rois[:, 3] - rois[:, 1]) * scale
+        h = (rois[:, 4] - rois[:, 2]) * scale
+        if not aligned:
+            w, h = w.clamp(min=1.0), h.clamp(min=1.0)
+        points = int((torch.ceil(h / ph) * torch.ceil(w / pw)).sum()) * ph * pw
+    return 2 * 4 * points * channels
+
+
+def _roi_align_forward_flops(  # noqa: ANN202
+    x, rois, scale, ph, pw, sampling, aligned, out_val=None  # noqa: ANN001
+):
+    return _roi_align_flops(rois, scale, ph, pw, sampling, aligned, x.shape[1])
+
+
+def _roi_align_backward_flops(  # noqa: ANN202
+    grad, rois, scale, ph, pw, n, c, h, w, sampling, aligned, out_val=None  # noqa: ANN001
+):
+    return _roi_align_flops(rois, scale, ph, pw, sampling, aligned, c)
+
+
+def _mm_flops(a, b, out_val=None):  # noqa: ANN001, ANN202
+    """Dense: 2*M*K*N. With a sparse operand (our CPU RoIAlign): 2 * nnz * dense columns."""
+    if a.layout != torch.strided:
+        return 2 * a._nnz() * b.shape[1]
+    if b.layout != torch.strided:
+        return 2 * b._nnz() * a.shape[0]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+for _f in (_roi_align_forward_flops, _roi_align_backward_flops, _mm_flops):
+    _f._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode passes tensors, not shapes
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, plus RoIAlign (torchvision's kernel and our sparse product alike)."""
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            torch.ops.torchvision.roi_align: _roi_align_forward_flops,
+            torch.ops.torchvision._roi_align_backward: _roi_align_backward_flops,
+            torch.ops.aten.mm: _mm_flops,
+        },
+    )
+
+
 class PeakRSS:
     """Samples the process RSS in a thread: the peak increase over the level at entry, in MB."""
 
@@ -209,10 +261,10 @@ class Row:
 
     def count_flops(self, images: list, targets: list) -> None:
         torch.manual_seed(1)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             self.train_step(images, targets)
         self.train_flops = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             self.infer(images)
         self.infer_flops = counter.get_total_flops()
 
@@ -276,14 +328,16 @@ def print_table(rows: list[Row], reference: Row, peak: float) -> None:
     )
 
 
-def r50_rows(quick: bool) -> list[Row]:
-    """torchvision first; --quick keeps torchvision, rbl and panet only."""
+def r50_rows(quick: bool, only: set[str] | None = None) -> list[Row]:
+    """torchvision first; --quick keeps torchvision, rbl and panet only; `only` names rows."""
     rows = [Row("torchvision", "r50", lambda: torchvision_model(R50_SHORT, R50_LONG))]
     impls = ["grouped"] if quick else ["grouped", "loop"]
     seen: set[str] = set()
     for impl in impls:
         for name, updates in r50_variants(impl).items():
             if name in seen or (quick and name not in ("rbl", "panet[grouped]")):
+                continue
+            if only is not None and name not in only:
                 continue
             if impl == "loop" and not name.startswith(("+AFP", "panet[")):
                 continue
@@ -303,13 +357,23 @@ def main() -> None:
         "--quick", action="store_true", help="torchvision, rbl and panet, one round: < 3 min"
     )
     parser.add_argument("--reps", type=int, default=None, help="measured rounds per row")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated R-50 rows beside torchvision, e.g. '+AFP[grouped],rbl'; "
+        "skips the tiny table and the JSON line",
+    )
     args = parser.parse_args()
     reps = args.reps or (1 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 1)
     peak = matmul_peak_flops(1.0 if args.quick else 3.0)
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
 
-    r50 = r50_rows(args.quick)
+    only = set(args.only.split(",")) if args.only else None
+    r50 = r50_rows(args.quick, only)
+    if only is not None and len(r50) != len(only) + 1:
+        known = [r.name for r in r50_rows(False)]
+        parser.error(f"--only: unknown row in {sorted(only)}; rows are {known}")
     t0 = time.perf_counter()
     run_group(r50, sample_batch(R50_SHORT, R50_LONG, 12, seed=0), reps)
     print(
@@ -317,6 +381,8 @@ def main() -> None:
         f"({reps} round(s), median; {time.perf_counter() - t0:.0f} s)"
     )
     print_table(r50, r50[0], peak)
+    if only is not None:
+        return
 
     tiny = [
         Row(

@@ -13,10 +13,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from panet_model.norm import make_norm
+from panet_model.roi_align import multilevel_roi_align
 
 
 class LevelShareRecorder:
@@ -77,17 +78,9 @@ class AdaptiveRoIPool(MultiScaleRoIAlign):
         rois = _convert_to_roi_format(boxes)  # (K, 5): batch index, x1, y1, x2, y2
         if self.recorder is not None:
             self.recorder.assigned = mapper(boxes) if rois.shape[0] else None
-        pooled = [
-            roi_align(
-                feature,
-                rois,
-                output_size=self.output_size,
-                spatial_scale=scale,
-                sampling_ratio=self.sampling_ratio,
-            )
-            for feature, scale in zip(features, scales)
-        ]
-        return torch.stack(pooled)  # L x (K, C, h, w) -> (L, K, C, h, w)
+        return multilevel_roi_align(
+            features, rois, self.output_size, scales, self.sampling_ratio
+        )  # (L, K, C, h, w)
 
 
 class LevelFusion(nn.Module):

@@ -37,7 +37,7 @@ def test_single_level_equals_roi_align() -> None:
     )
     expected = roi_align(feats["1"], rois, (7, 7), spatial_scale=1 / 8, sampling_ratio=2)
     assert out.shape == (1, 3, 8, 7, 7)
-    torch.testing.assert_close(out[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-6)
 
 
 def test_all_levels_pooled_for_every_roi() -> None:
@@ -49,7 +49,7 @@ def test_all_levels_pooled_for_every_roi() -> None:
     )
     for level in range(4):
         expected = roi_align(feats[str(level)], rois, (7, 7), 1 / 2 ** (level + 2), 2)
-        torch.testing.assert_close(out[level], expected, rtol=0, atol=0)
+        torch.testing.assert_close(out[level], expected, rtol=0, atol=1e-6)
 
 
 def test_empty_rois() -> None:
