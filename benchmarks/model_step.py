@@ -53,15 +53,13 @@ def _roi_align_flops(
     return 2 * 4 * points * channels
 
 
-def _roi_align_forward_flops(  # noqa: ANN202
-    x, rois, scale, ph, pw, sampling, aligned, out_val=None  # noqa: ANN001
-):
+def _roi_align_forward_flops(*args: Any, out_val: Any = None) -> int:
+    x, rois, scale, ph, pw, sampling, aligned = args  # torchvision::roi_align's schema
     return _roi_align_flops(rois, scale, ph, pw, sampling, aligned, x.shape[1])
 
 
-def _roi_align_backward_flops(  # noqa: ANN202
-    grad, rois, scale, ph, pw, n, c, h, w, sampling, aligned, out_val=None  # noqa: ANN001
-):
+def _roi_align_backward_flops(*args: Any, out_val: Any = None) -> int:
+    _, rois, scale, ph, pw, _, c, _, _, sampling, aligned = args  # _roi_align_backward's
     return _roi_align_flops(rois, scale, ph, pw, sampling, aligned, c)
 
 

@@ -120,9 +120,9 @@ def _sample_coords(start: Tensor, bin_size: Tensor, bins: int, s: int) -> Tensor
     """(K,) start and bin size -> (K, bins*S) sampling coordinates along one axis."""
     i = torch.arange(bins * s, dtype=start.dtype, device=start.device)
     within = (i % s + 0.5) / s
-    return start[:, None] + (torch.div(i, s, rounding_mode="floor") + within)[None] * bin_size[
-        :, None
-    ]
+    return (
+        start[:, None] + (torch.div(i, s, rounding_mode="floor") + within)[None] * bin_size[:, None]
+    )
 
 
 def _bilinear_axis(v: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
