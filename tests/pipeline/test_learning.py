@@ -1,7 +1,14 @@
 """Learning: the `tiny` preset learns the synthetic data set within a fixed step budget.
 
-The same data and config as `make demo` (600 training and 80 held-out validation images of
-other seeds, 2 workers with SyncBN), scored with pycocotools on the held-out images.
+The data, model and recipe of `make demo` (600 training and 80 held-out validation images of
+other seeds, 4 images a step, lr 0.02), trained for `STEPS` steps with the decay at
+`DECAY_STEP`, scored with pycocotools on the held-out images; then `panet eval` scores the
+final checkpoint again on 2 workers.
+
+The demo trains on 2 workers with SyncBN, 2 images each. This test trains the same global
+batch of 4 on 1 worker with 2 CPUs: SyncBN over 2 ranks computes exactly the batch norm of the
+concatenated batch (tests/panet_model/test_norm.py), so the optimization is the same, and on
+this 2-core machine one 2-thread worker runs it ~1.2x faster than two 1-thread workers.
 """
 
 from __future__ import annotations
@@ -11,20 +18,32 @@ from pathlib import Path
 import pytest
 import ray
 
+from pipeline.cli import main as cli_main
 from pipeline.config import load_job_config
 from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, VAL_IMAGES, VAL_SEED, ensure_shards
+from pipeline.evaluate import IOU_TYPES, METRIC_NAMES
 from pipeline.trainer import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-# The demo config (600 steps of 4 images) reached bbox AP 0.456 / segm AP 0.489 here (AP curve in
-# the README). These floors leave room for run-to-run noise; the issue's target of 0.5 for both
-# is not reached yet on this budget (issue 4 stays open for it).
-MIN_SEGM_AP = 0.45
-MIN_BBOX_AP = 0.40
+# One run of this budget reached segm AP 0.534 / bbox AP 0.508 (curve in the README). The
+# issue's target is 0.5 for both; bbox sits too close to it to assert without flaky failures
+# (run-to-run spread ~0.03), so bbox is held to a floor below it and issue 4 stays open.
+MIN_SEGM_AP, MIN_BBOX_AP = 0.5, 0.45
+STEPS, DECAY_STEP = 700, 500
 
 
-def test_tiny_learns_the_synthetic_set(tmp_path: Path) -> None:
+def parse_table(text: str) -> dict[str, float]:
+    """The metrics of `format_metrics`' table, e.g. {"bbox/AP": 0.52, ...}."""
+    out = {}
+    for line in text.splitlines():
+        cells = line.split()
+        if cells and cells[0] in IOU_TYPES and len(cells) == len(METRIC_NAMES) + 1:
+            out.update({f"{cells[0]}/{m}": float(v) for m, v in zip(METRIC_NAMES, cells[1:])})
+    return out
+
+
+def test_tiny_learns_the_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     train = ensure_shards(tmp_path / "raw", tmp_path / "shards", "train", TRAIN_IMAGES, TRAIN_SEED)
     val = ensure_shards(tmp_path / "raw", tmp_path / "shards", "val", VAL_IMAGES, VAL_SEED)
     job = load_job_config(
@@ -33,6 +52,11 @@ def test_tiny_learns_the_synthetic_set(tmp_path: Path) -> None:
             "data.train": str(train),
             "data.val": str(val),
             "checkpoint.storage_path": str(tmp_path / "runs"),
+            "solver.max_steps": STEPS,
+            "solver.decay_steps": [DECAY_STEP],
+            "scaling.num_workers": 1,
+            "scaling.cpus_per_worker": 2,
+            "eval.every_steps": 0,  # only at the end
             "eval.pictures": 0,
             "tracking.log_model": False,
         },
@@ -40,9 +64,24 @@ def test_tiny_learns_the_synthetic_set(tmp_path: Path) -> None:
     ray.init(num_cpus=4)
     try:
         result = run_training(job)
+        final = tmp_path / "runs" / job.name / f"step-{job.solver.max_steps:08d}"
+        capsys.readouterr()
+        code = cli_main(
+            ["eval", "--checkpoint", str(final), "--data", str(val), "--workers", "2"]
+            + ["--batch-size", str(job.eval.batch_size)]
+        )
+        printed = capsys.readouterr().out
     finally:
         ray.shutdown()
     metrics = result["metrics"]
     print(f"learning: {metrics}")
     assert metrics["segm/AP"] >= MIN_SEGM_AP, metrics
     assert metrics["bbox/AP"] >= MIN_BBOX_AP, metrics
+
+    # The same checkpoint, images split over 2 workers instead of 1 (other batches, so other
+    # padding): the same scores up to the table's rounding.
+    assert code == 0, printed
+    table = parse_table(printed)
+    assert set(table) == {f"{t}/{m}" for t in IOU_TYPES for m in METRIC_NAMES}, printed
+    for key, value in table.items():
+        assert value == pytest.approx(metrics[key], abs=0.003), (key, printed)
