@@ -341,8 +341,18 @@ def r50_rows(quick: bool, only: set[str] | None = None) -> list[Row]:
                 continue
             seen.add(name)
             cfg = PANetConfig.preset("rbl").override(updates)
-            rows.append(Row(name, "r50", lambda cfg=cfg: build_panet(cfg, NUM_CLASSES)))
+            reference = rows[0].model if name == "rbl" else None
+            rows.append(Row(name, "r50", lambda cfg=cfg, ref=reference: build_r50(cfg, ref)))
     return rows
+
+
+def build_r50(cfg: PANetConfig, reference: torch.nn.Module | None) -> torch.nn.Module:
+    """A row's model. `rbl` gets torchvision's weights (the same keys), hence the same
+    proposals and sampled RoIs: the same work, so its time ratio is pure implementation."""
+    model = build_panet(cfg, NUM_CLASSES)
+    if reference is not None:
+        model.load_state_dict(reference.state_dict())
+    return model
 
 
 def row_key(name: str) -> str:
