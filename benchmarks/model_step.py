@@ -372,16 +372,16 @@ def main() -> None:
         "skips the tiny table and the JSON line",
     )
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    known = {name for impl in ("grouped", "loop") for name in r50_variants(impl)}
+    if only is not None and not only <= known:
+        parser.error(f"--only: unknown row(s) {sorted(only - known)}; rows are {sorted(known)}")
     reps = args.reps or (1 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 1)
     peak = matmul_peak_flops(1.0 if args.quick else 3.0)
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
 
-    only = set(args.only.split(",")) if args.only else None
     r50 = r50_rows(args.quick, only)
-    if only is not None and len(r50) != len(only) + 1:
-        known = [r.name for r in r50_rows(False)]
-        parser.error(f"--only: unknown row in {sorted(only)}; rows are {known}")
     t0 = time.perf_counter()
     run_group(r50, sample_batch(R50_SHORT, R50_LONG, 12, seed=0), reps)
     print(

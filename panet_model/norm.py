@@ -51,8 +51,7 @@ def _local_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     `var_mean` over dims (0, 2, 3); elsewhere `var_mean` (Welford on CUDA).
     """
     if x.device.type == "cpu":
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-        return mean, var
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
     var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
     return mean, var
 
@@ -71,7 +70,7 @@ def _global_batch_stats(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, 
     c = x.shape[1]
     n_local = x.numel() // c if c else 0
     if n_local > 0:
-        # Two-pass (Welford on CUDA) local statistics in float32 avoid the cancellation of a
+        # Two-pass / Welford local statistics (see _local_stats) avoid the cancellation of a
         # naive float32 sum of squares; packing n * mean and n * (var + mean^2) in float64
         # makes the cross-rank combination exact up to float64 rounding.
         mean, var = _local_stats(x.to(_compute_dtype(x)))
@@ -161,11 +160,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         # Parameter grads stay local sums, as in torch's SyncBatchNorm: DDP averages them.
         grad_w = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = (
-            sum_dy.to(weight.dtype if weight is not None else cdt)
-            if ctx.needs_input_grad[2]
-            else None
-        )
+        grad_b = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None  # affine: both
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
