@@ -10,7 +10,6 @@ from functools import partial
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import AnchorGenerator, RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -24,6 +23,7 @@ from panet_model.heads import (
     AFPSpec,
     BoxHead2FC,
     BoxHead4Conv1FC,
+    BoxPredictor,
     FullyConnectedFusion,
     MaskHead,
     MaskPredictor,
@@ -180,7 +180,7 @@ def build_roi_heads(cfg: PANetConfig, channels: int, num_classes: int) -> RoIHea
     return RoIHeads(
         build_pooler(cfg, bh.pool_size),
         box_head,
-        FastRCNNPredictor(bh.representation_size, num_classes),
+        BoxPredictor(bh.representation_size, num_classes, bh.class_agnostic),
         fg_iou_thresh=r.fg_iou_thresh,
         bg_iou_thresh=r.bg_iou_thresh,
         batch_size_per_image=r.batch_size_per_image,

@@ -88,6 +88,7 @@ class BoxHeadConfig:
     conv_channels: int = 256  # conv width of the 4conv1fc head
     num_convs: int = 4  # convs of the 4conv1fc head (the first one is per level under AFP)
     norm: NeckNorm = "none"  # norm after each fc/conv (MBN: all new layers)
+    class_agnostic: bool = False  # one box regressor for all classes (Detectron option)
 
 
 @dataclass(frozen=True)

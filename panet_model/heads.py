@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 from panet_model.afp import LevelConv2d, LevelFusion, LevelLinear, level_norm_or_none
@@ -159,6 +160,28 @@ class BoxHead4Conv1FC(nn.Module):
         x = self.convs(x)
         x = self.fc6(x.flatten(1))  # (K, C', h, w) -> (K, C'*h*w) -> (K, R)
         return self.relu(self.norm6(x) if self.norm6 is not None else x)
+
+
+class BoxPredictor(FastRCNNPredictor):
+    """torchvision's class scores and per-class box deltas, or one class-agnostic regressor.
+
+    Class-agnostic (Detectron's `CLS_AGNOSTIC_BBOX_REG`): a single (dx, dy, dw, dh) output
+    trained by every positive RoI, whatever its class, and repeated for each class so that
+    torchvision's loss and post-processing see the per-class layout.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, class_agnostic: bool = False) -> None:
+        super().__init__(in_channels, num_classes)
+        self.num_classes = num_classes
+        self.class_agnostic = class_agnostic
+        if class_agnostic:
+            self.bbox_pred = nn.Linear(in_channels, 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        scores, deltas = super().forward(x)
+        if self.class_agnostic:
+            deltas = deltas.repeat(1, self.num_classes)  # (K, 4) -> (K, 4 * num_classes)
+        return scores, deltas
 
 
 class FullyConnectedFusion(nn.Module):

@@ -30,6 +30,7 @@ class DataSection:
     max_size: int = 1400  # long side cap of the training resize
     flip_prob: float = 0.5  # horizontal flip probability
     decode_cpus: float = 1.0  # logical CPUs per Ray Data decode task
+    group_window: int = 8  # steps whose images are regrouped by orientation and size (1: off)
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,10 @@ class SolverSection:
     base_lr: float = 0.02  # learning rate for base_batch images (paper: 0.02 at 16)
     base_batch: int = 16  # the lr scales linearly with ims_per_batch / base_batch
     max_steps: int = 160000  # optimizer steps in all (paper: 120k + 40k)
-    decay_steps: tuple[int, ...] = (120000,)  # steps where the lr is multiplied by gamma
-    gamma: float = 0.1  # step decay factor
+    schedule: Literal["step", "linear", "cosine"] = "step"  # lr after warm-up (paper: step)
+    decay_steps: tuple[int, ...] = (120000,)  # "step": steps where the lr is multiplied by gamma
+    gamma: float = 0.1  # "step": decay factor
+    final_lr_factor: float = 0.0  # "linear"/"cosine": lr at max_steps, as a fraction of the peak
     warmup_steps: int = 500  # linear warm-up length (authors' code)
     warmup_factor: float = 0.3333333333333333  # warm-up starts at this fraction of the lr
     momentum: float = 0.9  # SGD momentum
@@ -160,6 +163,13 @@ class JobConfig:
         require(
             list(s.decay_steps) == sorted(s.decay_steps), "solver.decay_steps", "increasing steps"
         )
+        require(
+            s.schedule == "step" or not s.decay_steps,
+            "solver.decay_steps",
+            f"[] with solver.schedule {s.schedule!r} (decay steps belong to the 'step' schedule)",
+        )
+        require(0 <= s.final_lr_factor <= 1, "solver.final_lr_factor", "in [0, 1]")
+        require(s.warmup_steps >= 0, "solver.warmup_steps", ">= 0")
         require(s.max_bad_steps >= 0, "solver.max_bad_steps", ">= 0")
         require(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
         require(self.checkpoint.keep_best >= 1, "checkpoint.keep_best", ">= 1")
@@ -167,6 +177,7 @@ class JobConfig:
         require(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")
         require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
         require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
+        require(self.data.group_window >= 1, "data.group_window", ">= 1 (1 turns grouping off)")
         require(self.log_every >= 1, "log_every", ">= 1")
         try:
             self.augment()

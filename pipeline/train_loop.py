@@ -257,7 +257,15 @@ def train_loop(
         n = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
         model.train()
         waited_from = time.perf_counter()
-        for images, targets in iter_train_batches(train_shard, job.local_batch_size, n, stats):
+        batches = iter_train_batches(
+            train_shard,
+            job.local_batch_size,
+            n,
+            stats,
+            group_window=job.data.group_window,
+            seed=(job.seed, step // steps_per_epoch, rank),
+        )
+        for images, targets in batches:
             data_wait = time.perf_counter() - waited_from
             images, targets = to_device(images, targets, device)
             loss_dict, bad = train_step(model, images, targets, optimizer, scaler, job, device)

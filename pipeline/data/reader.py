@@ -308,13 +308,19 @@ def iter_train_batches(
     stats: ReaderStats | None = None,
     *,
     prefetch_batches: int = 1,
+    group_window: int = 1,
+    seed: int | Sequence[int] = 0,
 ) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
     """Exactly `steps` training batches of exactly `local_batch_size` samples.
 
-    Each step consumes `local_batch_size` rows. A corrupt row's slot is filled with a repeat of
-    a valid row of the same batch, else of the previous batch, else of the next valid row of
-    the stream; if the stream ends early, the missing slots are repeats too. Rows beyond
-    `steps * local_batch_size` are not read.
+    Rows are read `group_window` steps' worth at a time (`group_window * local_batch_size`
+    rows). With `group_window > 1` the valid rows of such a window are regrouped into batches
+    of one orientation (landscape or portrait) and similar size, and those batches come out in
+    a seeded random order: a batch is padded to its largest image, so grouping cuts the
+    padding (Detectron's aspect-ratio grouping, plus size). A corrupt row's slot is filled with
+    a repeat of a valid row of the same batch, else of the previous batch, else of the next
+    valid row of the stream; if the stream ends early, the missing slots are repeats too.
+    Rows beyond `steps * local_batch_size` are not read.
 
     Args:
         data_iterator: `ray.train.get_dataset_shard(...)` of a `build_train_dataset` dataset.
@@ -322,6 +328,8 @@ def iter_train_batches(
         steps: batches to yield, from `steps_per_epoch` (the same on every rank).
         stats: counters to update; a fresh `ReaderStats` if None.
         prefetch_batches: Ray Data batches to prefetch.
+        group_window: steps whose rows are regrouped together; 1 keeps the stream's batches.
+        seed: seeds the order of the regrouped batches, e.g. (run seed, epoch, rank).
 
     Yields:
         (images, targets): `local_batch_size` float32 (3, H_i, W_i) images in [0, 1] and
@@ -334,41 +342,67 @@ def iter_train_batches(
     # Imported here: Ray Data workers import this module for `_augment_batch` and need no torch.
     from pipeline.data.collate import collate_train
 
-    if local_batch_size < 1 or steps < 0:
+    if local_batch_size < 1 or steps < 0 or group_window < 1:
         raise ValueError(
-            f"need local_batch_size >= 1 and steps >= 0, got {local_batch_size}, {steps}"
+            "need local_batch_size >= 1, steps >= 0 and group_window >= 1, got "
+            f"{local_batch_size}, {steps}, {group_window}"
         )
     stats = stats if stats is not None else ReaderStats()
+    rng = np.random.default_rng(seed)
     rows = _rows(data_iterator, local_batch_size, prefetch_batches)
     previous: list[dict[str, Any]] = []  # valid rows of the last batch: fill-in of last resort
     warned_short = False
     try:
-        for step in range(steps):
-            batch = list(islice(rows, local_batch_size))
-            if len(batch) < local_batch_size and not warned_short:
+        step = 0
+        while step < steps:
+            window = min(group_window, steps - step)
+            chunk = list(islice(rows, window * local_batch_size))
+            if len(chunk) < window * local_batch_size and not warned_short:
                 warned_short = True
                 logger.warning(
                     "data iterator ran out at step %d of %d; repeating samples to keep the step "
                     "count equal across ranks",
-                    step,
+                    step + len(chunk) // local_batch_size,
                     steps,
                 )
-            valid = [r for r in batch if stats._saw(r)]
-            pool = valid or previous
-            if not pool:
-                # Nothing valid yet on this rank: borrow the next valid row of the stream.
-                pool = list(_first_valid(rows, stats))
+            if window == 1:
+                groups = [[r for r in chunk if stats._saw(r)]]
+            else:
+                groups = group_by_shape([r for r in chunk if stats._saw(r)], local_batch_size)
+                groups = [groups[i] for i in rng.permutation(len(groups))]
+            groups += [[] for _ in range(window - len(groups))]
+            for valid in groups:
+                pool = valid or previous
                 if not pool:
-                    raise RuntimeError(
-                        "no valid training record reached this worker; all were corrupt"
-                    )
-            fill = [pool[i % len(pool)] for i in range(local_batch_size - len(valid))]
-            stats.filled += len(fill)
-            stats.samples += local_batch_size
-            previous = pool
-            yield collate_train(valid + fill)
+                    # Nothing valid yet on this rank: borrow the next valid row of the stream.
+                    pool = list(_first_valid(rows, stats))
+                    if not pool:
+                        raise RuntimeError(
+                            "no valid training record reached this worker; all were corrupt"
+                        )
+                fill = [pool[i % len(pool)] for i in range(local_batch_size - len(valid))]
+                stats.filled += len(fill)
+                stats.samples += local_batch_size
+                previous = pool
+                step += 1
+                yield collate_train(valid + fill)
     finally:
         rows.close()  # stop Ray's prefetching for this epoch
+
+
+def group_by_shape(rows: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
+    """Rows split into batches of `batch_size` (the last may be short) that pad little.
+
+    Landscape rows come before portrait ones, each ordered by area, and consecutive rows form a
+    batch: its images share an orientation and have similar sizes.
+    """
+
+    def key(r: dict[str, Any]) -> tuple[bool, int]:
+        h, w = int(r["height"]), int(r["width"])
+        return h > w, h * w
+
+    ordered = sorted(rows, key=key)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def _first_valid(rows: Iterator[dict[str, Any]], stats: ReaderStats) -> Iterator[dict[str, Any]]:

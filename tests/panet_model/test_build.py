@@ -21,6 +21,7 @@ ABLATIONS = [
     {"bpa.enabled": False},
     {"box_head.type": "2fc"},
     {"box_head.type": "2fc", "afp.position": "fu.fc1fc2"},
+    {"box_head.class_agnostic": True},
     {"mask_head.ff.enabled": False},
     {"mask_head.ff.start": "conv2"},
     {"mask_head.ff.start": "conv4"},
@@ -115,6 +116,25 @@ def test_large_backbones_build_and_run(tiny_cfg: PANetConfig, name: str) -> None
     torch.manual_seed(0)
     model = build_panet(tiny_cfg.override({"backbone.name": name}), NUM_CLASSES)
     train_step_and_eval(model)
+
+
+def test_class_agnostic_box_regression(tiny_cfg: PANetConfig) -> None:
+    torch.manual_seed(0)
+    model = build_panet(tiny_cfg.override({"box_head.class_agnostic": True}), NUM_CLASSES)
+    predictor = model.roi_heads.box_predictor
+    assert predictor.bbox_pred.out_features == 4
+    scores, deltas = predictor(torch.randn(5, predictor.cls_score.in_features))
+    assert scores.shape == (5, NUM_CLASSES) and deltas.shape == (5, 4 * NUM_CLASSES)
+    per_class = deltas.reshape(5, NUM_CLASSES, 4)  # every class gets the same deltas
+    assert torch.equal(per_class, per_class[:, :1].expand_as(per_class))
+    # Positives of every class train the one regressor.
+    image, target = make_sample(120, 150, 4, NUM_CLASSES, seed=3)
+    model.train()
+    model([image], [target])["loss_box_reg"].backward()
+    assert predictor.bbox_pred.weight.grad is not None
+    assert predictor.bbox_pred.weight.grad.abs().sum() > 0
+    default = build_panet(tiny_cfg, NUM_CLASSES).roi_heads.box_predictor
+    assert default.bbox_pred.out_features == 4 * NUM_CLASSES
 
 
 def test_images_without_annotations(tiny_cfg: PANetConfig) -> None:

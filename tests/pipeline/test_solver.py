@@ -1,4 +1,5 @@
-"""The paper's recipe: warm-up, step decay, no weight decay on norms and biases."""
+"""The paper's recipe (warm-up, step decay, no weight decay on norms and biases), and the
+budget-aware linear and cosine decays."""
 
 from __future__ import annotations
 
@@ -48,3 +49,33 @@ def test_param_groups_and_scheduler() -> None:
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(j.lr * 0.1)
     assert torch.is_tensor(model[2].weight)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_budget_schedules_decay_to_the_final_factor(schedule: str) -> None:
+    j = job(
+        **{
+            "solver.schedule": schedule,
+            "solver.decay_steps": [],
+            "solver.max_steps": 110,
+            "solver.final_lr_factor": 0.05,
+        }
+    )
+    assert lr_factor(0, j) == pytest.approx(1 / 3)  # the same warm-up
+    assert lr_factor(10, j) == 1.0  # the peak at the end of warm-up
+    assert lr_factor(60, j) == pytest.approx(0.05 + 0.95 * 0.5)  # half-way, either shape
+    quarter = 0.75 if schedule == "linear" else 0.5 * (1 + 2**-0.5)
+    assert lr_factor(35, j) == pytest.approx(0.05 + 0.95 * quarter)
+    assert lr_factor(110, j) == pytest.approx(0.05)
+    assert lr_factor(500, j) == pytest.approx(0.05)  # beyond max_steps: stays at the floor
+    factors = [lr_factor(s, j) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(factors, factors[1:]))  # strictly decreasing
+
+
+def test_budget_schedules_reject_decay_steps() -> None:
+    with pytest.raises(ValueError, match="solver.decay_steps.*'linear'"):
+        job(**{"solver.schedule": "linear"})  # job() sets decay steps [20, 30]
+    with pytest.raises(ValueError, match="solver.schedule"):
+        job(**{"solver.schedule": "exponential", "solver.decay_steps": []})
+    with pytest.raises(ValueError, match="solver.final_lr_factor"):
+        job(**{"solver.schedule": "cosine", "solver.decay_steps": [], "solver.final_lr_factor": 2})

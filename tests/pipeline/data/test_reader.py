@@ -224,6 +224,64 @@ def test_iter_train_batches_all_corrupt_raises():
         list(iter_train_batches(ListIterator(table), 2, steps=1))
 
 
+def sized(image_id: int, height: int, width: int) -> dict:
+    return make_record(image_id, height, width, [(2, 2, 20, 20, 7, 0)], fmt="JPEG")
+
+
+def padded_area(batches) -> int:
+    """Pixels of the batches once padded to their largest height and width, as the model does."""
+    return sum(
+        len(images) * max(i.shape[1] for i in images) * max(i.shape[2] for i in images)
+        for images, _ in batches
+    )
+
+
+def test_iter_train_batches_groups_a_window_by_orientation_and_size():
+    # 2 windows of 3 steps of 2 rows; each window: 4 landscape and 2 portrait rows, 3 sizes.
+    shapes = [(40, 60), (60, 40), (48, 96), (96, 48), (24, 32), (30, 40)] * 2
+    table = samples([sized(i + 1, h, w) for i, (h, w) in enumerate(shapes)])
+    ungrouped = list(iter_train_batches(ListIterator(table), 2, steps=6))
+    grouped = list(iter_train_batches(ListIterator(table), 2, steps=6, group_window=3, seed=1))
+    ids = [[t["image_id"].item() for t in targets] for _, targets in grouped]
+    assert len(grouped) == 6 and all(len(b) == 2 for b in ids)
+    # Each window holds exactly its own rows, each once: steps still consume 2 rows each.
+    assert sorted(sum(ids[:3], [])) == list(range(1, 7))
+    assert sorted(sum(ids[3:], [])) == list(range(7, 13))
+    for images, _ in grouped:
+        assert len({i.shape[1] > i.shape[2] for i in images}) == 1  # one orientation a batch
+    assert sum(len({i.shape[1] > i.shape[2] for i in b[0]}) == 2 for b in ungrouped) == 4
+    assert padded_area(grouped) < 0.75 * padded_area(ungrouped)
+    # The batch order inside a window is seeded.
+    again = list(iter_train_batches(ListIterator(table), 2, steps=6, group_window=3, seed=1))
+    assert [[t["image_id"].item() for t in b[1]] for b in again] == ids
+    orders = {
+        tuple(
+            t["image_id"].item()
+            for b in iter_train_batches(ListIterator(table), 2, steps=6, group_window=3, seed=s)
+            for t in b[1]
+        )
+        for s in range(6)
+    }
+    assert len(orders) > 1
+
+
+def test_iter_train_batches_grouping_keeps_step_count_with_corrupt_rows_and_short_stream():
+    # Window of 3 steps of 2 = 6 rows: 2 corrupt; then the stream ends inside the 2nd window.
+    rows = [sized(1, 40, 60), corrupt_image(2), sized(3, 60, 40), sized(4, 40, 64)]
+    rows += [bad_rle(5), sized(6, 64, 40), sized(7, 40, 60), sized(8, 60, 40)]
+    stats = ReaderStats()
+    batches = list(
+        iter_train_batches(ListIterator(samples(rows)), 2, steps=5, stats=stats, group_window=3)
+    )
+    assert len(batches) == 5 and all(len(b[0]) == len(b[1]) == 2 for b in batches)
+    assert stats.skipped_corrupt == 2 and stats.samples == 10
+    ids = [[t["image_id"].item() for t in b[1]] for b in batches]
+    assert sorted({i for b in ids[:3] for i in b}) == [1, 3, 4, 6]  # the 1st window's valid rows
+    assert {i for b in ids[3:] for i in b} == {7, 8}
+    with pytest.raises(ValueError, match="group_window"):
+        list(iter_train_batches(ListIterator(samples(rows)), 2, steps=1, group_window=0))
+
+
 def test_iter_train_batches_counts_crowd_and_degenerate():
     crowd = make_record(
         1, 48, 64, [(0, 0, 64, 48, 7, 1), (10, 10, 40, 40, 3, 0), (1, 1, 2, 2, 3, 0)], "PNG"
