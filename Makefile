@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --timeout=1500 tests
+	$(BIN)/python -m pytest -q --timeout=3600 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo

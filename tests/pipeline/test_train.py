@@ -63,6 +63,7 @@ def job_for(shards: dict[str, Path], storage: Path, **sets):
         "data.val": str(shards["val"]),
         "solver.max_steps": 6,
         "solver.warmup_steps": 2,
+        "solver.schedule": "step",  # the paper's schedule here; the demo config runs linear
         "solver.decay_steps": [5],
         "checkpoint.every_steps": 3,
         "eval.every_steps": 3,
