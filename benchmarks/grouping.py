@@ -44,7 +44,8 @@ class Rows:
             yield self.table.slice(i, batch_size)
 
 
-def augmented_rows(shards: Path, n: int, job: Any) -> list[dict[str, Any]]:
+def augmented_rows(shards: Path, n: int, job: Any) -> tuple[list[dict[str, Any]], int]:
+    """The first `n` records decoded and augmented as the reader does; and the class count."""
     from pipeline.data.augment import augment_table
     from pipeline.data.reader import label_map
     from pipeline.data.shards import iter_records, load_manifest
@@ -57,7 +58,7 @@ def augmented_rows(shards: Path, n: int, job: Any) -> list[dict[str, Any]]:
             break
     table = pa.Table.from_pylist(records)
     rows = augment_table(table, job.augment(), job.seed, 0, labels).to_pylist()
-    return [r for r in rows if r["valid"]]
+    return [r for r in rows if r["valid"]], len(labels)
 
 
 def batches(rows: list[dict[str, Any]], batch: int, window: int) -> list[tuple[list, list]]:
@@ -81,7 +82,9 @@ def padding(bs: list[tuple[list, list]]) -> float:
     return padded / real
 
 
-def step_times(job: Any, plain: list, grouped: list, steps: int, threads: int) -> dict[str, float]:
+def step_times(
+    job: Any, num_classes: int, plain: list, grouped: list, steps: int, threads: int
+) -> dict[str, float]:
     """Seconds per image of train steps on each batch list, alternating plain and grouped."""
     import torch
 
@@ -90,7 +93,7 @@ def step_times(job: Any, plain: list, grouped: list, steps: int, threads: int) -
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_panet(job.model, num_classes=6).train()
+    model = build_panet(job.model, num_classes=num_classes + 1).train()  # + background
     optimizer = build_optimizer(model, job)
 
     def step(batch: tuple[list, list]) -> float:
@@ -129,12 +132,12 @@ def main() -> None:
             Path(tmp) / "raw", Path(tmp) / "shards", "train", TRAIN_IMAGES, TRAIN_SEED
         )
         job = load_job_config(CONFIG, {"data.train": str(shards), "data.val": str(shards)})
-        rows = augmented_rows(shards, n_images, job)
+        rows, num_classes = augmented_rows(shards, n_images, job)
     batch = job.solver.ims_per_batch
     pads = {w: padding(batches(rows, batch, w)) for w in WINDOWS}
     window = job.data.group_window
     times = step_times(
-        job, batches(rows, batch, 1), batches(rows, batch, window), steps, args.threads
+        job, num_classes, batches(rows, batch, 1), batches(rows, batch, window), steps, args.threads
     )
     ratio = times["grouped"] / times["plain"]
 
