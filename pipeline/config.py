@@ -45,8 +45,10 @@ class SolverSection:
     final_lr_factor: float = 0.0  # "linear"/"cosine": lr at max_steps, as a fraction of the peak
     warmup_steps: int = 500  # linear warm-up length (authors' code)
     warmup_factor: float = 0.3333333333333333  # warm-up starts at this fraction of the lr
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # paper: SGD; AdamW learns faster from scratch
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # on weights
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
+    weight_decay: float = 1e-4  # on weights (AdamW: decoupled, scaled by the lr)
     weight_decay_norm: float = 0.0  # on norm parameters and biases (authors' code: none)
     bias_lr_factor: float = 1.0  # bias learning rate multiplier (authors' code: 2)
     clip_grad_norm: float = 0.0  # max gradient norm, 0 = no clipping
@@ -169,6 +171,7 @@ class JobConfig:
             f"[] with solver.schedule {s.schedule!r} (decay steps belong to the 'step' schedule)",
         )
         require(0 <= s.final_lr_factor <= 1, "solver.final_lr_factor", "in [0, 1]")
+        require(all(0 <= b < 1 for b in s.betas), "solver.betas", "two values in [0, 1)")
         require(s.warmup_steps >= 0, "solver.warmup_steps", ">= 0")
         require(s.max_bad_steps >= 0, "solver.max_bad_steps", ">= 0")
         require(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")

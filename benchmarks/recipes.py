@@ -1,0 +1,179 @@
+"""Which training recipe learns the synthetic set fastest? Held-out AP after a step budget.
+
+Each recipe is the demo config (`jobs/configs/tiny_synth.yaml`) plus `--set`-style overrides,
+trained from scratch for `--steps` steps in one process, without Ray: the same model,
+augmentation (`augment_table`, seeded by epoch), batching (`iter_train_batches` with the
+config's `group_window`), optimizer, schedule and train step (`train_loop.train_step`) as
+`panet train`, on the demo's 600 training images; scored with pycocotools on the 80 held-out
+validation images (`evaluate_model` + `coco_evaluate`) at each `--evals` step. Without
+Ray's start-up it turns a recipe question into minutes, not a job per point.
+
+    python benchmarks/recipes.py --steps 200 --evals 100,200 \\
+        --recipe sgd=solver.optimizer=sgd,solver.base_lr=0.02 \\
+        --recipe adamw=solver.optimizer=adamw,solver.base_lr=0.001 [--jobs 2]
+
+`--jobs 2` trains two recipes at a time, one thread each (the same total work on 2 cores; the
+AP does not depend on it, only the wall time). The last line is one JSON object:
+{recipe: {step: [bbox AP, segm AP]}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+from grouping import Rows  # benchmarks/ is on sys.path when run as a script
+
+DEFAULT_RECIPES = (
+    "sgd=solver.optimizer=sgd,solver.base_lr=0.02",
+    "adamw=solver.optimizer=adamw,solver.base_lr=0.001",
+)
+
+
+def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
+    """`name=key=value,key=value` -> (name, {key: YAML-parsed value})."""
+    name, _, sets = text.partition("=")
+    overrides = {}
+    for item in filter(None, sets.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"recipe {name!r}: {item!r} is not key=value")
+        overrides[key] = yaml.safe_load(value)
+    return name, overrides
+
+
+def train_batches(shards: Path, job: Any, labels: dict[int, int]) -> Any:
+    """Endless training batches: each epoch in a seeded file order, augmented and grouped."""
+    from pipeline.data.augment import augment_table
+    from pipeline.data.reader import iter_train_batches, steps_per_epoch
+    from pipeline.data.shards import iter_records, load_manifest
+
+    records = list(iter_records(shards))
+    steps = steps_per_epoch(load_manifest(shards), job.solver.ims_per_batch)
+    epoch = 0
+    while True:
+        order = np.random.default_rng((job.seed, epoch)).permutation(len(records))
+        table = pa.Table.from_pylist([records[i] for i in order])
+        rows = augment_table(table, job.augment(), job.seed, epoch, labels).to_pylist()
+        yield from iter_train_batches(
+            Rows(rows),
+            job.solver.ims_per_batch,
+            steps,
+            group_window=job.data.group_window,
+            seed=(job.seed, epoch, 0),
+        )
+        epoch += 1
+
+
+def run_recipe(
+    name: str,
+    overrides: dict[str, Any],
+    shards: dict[str, Path],
+    steps: int,
+    evals: list[int],
+    threads: int,
+) -> dict[str, Any]:
+    """Train one recipe; {"curve": {step: (bbox AP, segm AP)}, "seconds": wall time}."""
+    import torch
+
+    from panet_model import build_panet
+    from pipeline.config import load_job_config
+    from pipeline.data.augment import decode_eval_record
+    from pipeline.data.collate import collate_eval
+    from pipeline.data.reader import inverse_label_map, label_map
+    from pipeline.data.shards import iter_records, load_manifest
+    from pipeline.demo import CONFIG
+    from pipeline.evaluate import coco_evaluate, coco_ground_truth, evaluate_model
+    from pipeline.solver import build_optimizer, build_scheduler
+    from pipeline.train_loop import train_step
+
+    torch.set_num_threads(threads)
+    sets = {"data.train": str(shards["train"]), "data.val": str(shards["val"])}
+    job = load_job_config(CONFIG, {**sets, **overrides, "solver.max_steps": steps})
+    manifest = load_manifest(shards["train"])
+    labels = label_map(manifest)
+    val_rows = [decode_eval_record(r) for r in iter_records(shards["val"])]
+    gt = coco_ground_truth(shards["val"])
+    torch.manual_seed(job.seed)
+    model = build_panet(job.model, num_classes=len(labels) + 1).train()
+    optimizer = build_optimizer(model, job)
+    scheduler = build_scheduler(optimizer, job)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    device = torch.device("cpu")
+    batches = train_batches(shards["train"], job, labels)
+    curve: dict[int, tuple[float, float]] = {}
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        images, targets = next(batches)
+        losses, bad = train_step(model, images, targets, optimizer, scaler, job, device)
+        scheduler.step()
+        if bad is not None:
+            raise FloatingPointError(f"recipe {name}: step {step}: {bad} is not finite")
+        if step in evals:
+            eval_batches = (
+                collate_eval(val_rows[i : i + job.eval.batch_size])
+                for i in range(0, len(val_rows), job.eval.batch_size)
+            )
+            results = evaluate_model(model, eval_batches, inverse_label_map(manifest), device)
+            metrics = coco_evaluate(gt, results)
+            curve[step] = (round(metrics["bbox/AP"], 3), round(metrics["segm/AP"], 3))
+            print(
+                f"[{name}] step {step}: bbox AP {curve[step][0]:.3f} segm AP {curve[step][1]:.3f}"
+                f" ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    return {"curve": curve, "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--evals", default="", help="comma-separated steps (default: the last)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE,...")
+    parser.add_argument("--jobs", type=int, default=1, help="recipes trained at a time")
+    parser.add_argument("--root", type=Path, default=Path("demo"), help="data set and shards")
+    args = parser.parse_args()
+    evals = sorted({int(s) for s in args.evals.split(",") if s} | {args.steps})
+    recipes = [parse_recipe(r) for r in args.recipe or DEFAULT_RECIPES]
+
+    from pipeline.config import load_job_config
+    from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, VAL_IMAGES, VAL_SEED, ensure_shards
+
+    for _, overrides in recipes:  # a bad key fails here, before any training
+        load_job_config(CONFIG, {"data.train": ".", "data.val": ".", **overrides})
+    t0 = time.perf_counter()
+    root = args.root
+    shards = {
+        "train": ensure_shards(root / "raw", root / "shards", "train", TRAIN_IMAGES, TRAIN_SEED),
+        "val": ensure_shards(root / "raw", root / "shards", "val", VAL_IMAGES, VAL_SEED),
+    }
+    threads = max(1, 2 // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {
+            name: pool.submit(run_recipe, name, o, shards, args.steps, evals, threads)
+            for name, o in recipes
+        }
+        out = {name: f.result() for name, f in futures.items()}
+
+    print(f"\n{args.steps} steps from scratch; held-out bbox AP / segm AP at each step")
+    print("| recipe | " + " | ".join(str(s) for s in evals) + " | train s |")
+    print("|---|" + "---|" * (len(evals) + 1))
+    for name, r in out.items():
+        cells = [f"{r['curve'][s][0]:.3f} / {r['curve'][s][1]:.3f}" for s in evals]
+        print(f"| {name} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+    print(
+        f"\n{time.perf_counter() - t0:.0f} s, {args.jobs} recipe(s) at a time, {threads} thread(s)"
+    )
+    print(json.dumps({name: r["curve"] for name, r in out.items()}))
+
+
+if __name__ == "__main__":
+    main()
