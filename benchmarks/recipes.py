@@ -9,8 +9,8 @@ validation images (`evaluate_model` + `coco_evaluate`) at each `--evals` step. W
 Ray's start-up it turns a recipe question into minutes, not a job per point.
 
     python benchmarks/recipes.py --steps 200 --evals 100,200 \\
-        --recipe sgd=solver.optimizer=sgd,solver.base_lr=0.02 \\
-        --recipe adamw=solver.optimizer=adamw,solver.base_lr=0.001 [--jobs 2]
+        --recipe sgd solver.optimizer=sgd solver.base_lr=0.02 \\
+        --recipe adamw solver.optimizer=adamw solver.base_lr=0.001 [--jobs 2]
 
 `--jobs 2` trains two recipes at a time, one thread each (the same total work on 2 cores; the
 AP does not depend on it, only the wall time). The last line is one JSON object:
@@ -29,25 +29,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import yaml
 from grouping import Rows  # benchmarks/ is on sys.path when run as a script
 
 DEFAULT_RECIPES = (
-    "sgd=solver.optimizer=sgd,solver.base_lr=0.02",
-    "adamw=solver.optimizer=adamw,solver.base_lr=0.001",
+    ["sgd", "solver.optimizer=sgd", "solver.base_lr=0.02"],
+    ["adamw", "solver.optimizer=adamw", "solver.base_lr=0.001"],
 )
-
-
-def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
-    """`name=key=value,key=value` -> (name, {key: YAML-parsed value})."""
-    name, _, sets = text.partition("=")
-    overrides = {}
-    for item in filter(None, sets.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"recipe {name!r}: {item!r} is not key=value")
-        overrides[key] = yaml.safe_load(value)
-    return name, overrides
 
 
 def train_batches(shards: Path, job: Any, labels: dict[int, int]) -> Any:
@@ -137,18 +124,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--evals", default="", help="comma-separated steps (default: the last)")
-    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE,...")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="NAME KEY=VALUE",
+        help="a name, then --set-style overrides of the demo config",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="recipes trained at a time")
     parser.add_argument("--root", type=Path, default=Path("demo"), help="data set and shards")
     args = parser.parse_args()
     evals = sorted({int(s) for s in args.evals.split(",") if s} | {args.steps})
-    recipes = [parse_recipe(r) for r in args.recipe or DEFAULT_RECIPES]
+    if not 1 <= evals[0] <= evals[-1] == args.steps:
+        parser.error(f"--evals: steps must be in 1..{args.steps}, got {args.evals}")
 
-    from pipeline.config import load_job_config
+    from pipeline.config import load_job_config, parse_set
     from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, VAL_IMAGES, VAL_SEED, ensure_shards
 
-    for _, overrides in recipes:  # a bad key fails here, before any training
-        load_job_config(CONFIG, {"data.train": ".", "data.val": ".", **overrides})
+    recipes = {}
+    for name, *sets in args.recipe or DEFAULT_RECIPES:
+        if name in recipes or "=" in name:
+            parser.error(f"--recipe {name!r}: give each recipe a new name, then key=value items")
+        try:  # a bad key fails here, before any training
+            recipes[name] = parse_set(sets)
+            load_job_config(CONFIG, {"data.train": ".", "data.val": ".", **recipes[name]})
+        except ValueError as err:
+            parser.error(f"--recipe {name}: {err}")
     t0 = time.perf_counter()
     root = args.root
     shards = {
@@ -159,7 +161,7 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = {
             name: pool.submit(run_recipe, name, o, shards, args.steps, evals, threads)
-            for name, o in recipes
+            for name, o in recipes.items()
         }
         out = {name: f.result() for name, f in futures.items()}
 
