@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --timeout=3600 tests
+	$(BIN)/python -m pytest -q --timeout=3600 --durations=12 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo

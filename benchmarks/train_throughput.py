@@ -1,11 +1,13 @@
 """How much does Ray Train cost over a plain PyTorch loop, and how does it scale?
 
 Side by side in one run, on the `tiny` preset and the synthetic data set:
-- a plain single-process loop over pre-decoded batches (1 thread, batch 2);
+- a plain single-process loop doing the job's work (the same batches, train step and schedule)
+  on batches decoded before the clock starts (1 thread, batch 2);
 - the real `panet train` path (Ray Data reader + Ray Train, DDP, SyncBN) with 1 worker, batch 2;
 - the same with 2 workers and the same global batch (1 image each).
-Throughput and the data-wait fraction come from the job's own per-window metrics in MLflow,
-after a warm-up.
+Every run trains one epoch of a synthetic set of `steps x 2` images (steady state: no epoch
+restart). Throughput is per progress window, after the same warm-up windows in every run; the
+Ray runs' figures and data-wait fraction come from the job's own metrics in MLflow.
 
     python benchmarks/train_throughput.py [--quick] [--steps N]
 
@@ -36,54 +38,53 @@ def make_shards(root: Path, train: int, val: int) -> dict[str, Path]:
     }
 
 
-def plain_loop(shards: dict[str, Path], steps: int, batch: int, job: Any) -> float:
-    """Images/s of a bare PyTorch loop: same model, optimizer and augmentation, pre-decoded."""
-    from panet_model import build_panet
-    from pipeline.data.augment import augment_record, record_rng
-    from pipeline.data.collate import collate_train
-    from pipeline.data.reader import label_map
-    from pipeline.data.shards import iter_records, load_manifest
-    from pipeline.solver import build_optimizer
+def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> float:
+    """Images/s of a bare single-process loop doing the job's work on pre-decoded batches.
 
-    torch.set_num_threads(1)  # what one Ray Train worker with 1 CPU gets
-    manifest = load_manifest(shards["train"])
-    labels = label_map(manifest)
-    aug = job.augment()
-    rows = []
-    for record in iter_records(shards["train"]):
-        rng = record_rng(job.seed, 0, int(record["image_id"]))
-        row = augment_record(record, aug, rng, labels)
-        if row["valid"]:
-            rows.append(row)
-        if len(rows) >= batch * 8:
-            break
-    batches = [collate_train(rows[i : i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
-    torch.manual_seed(0)
+    The job's own batches (every training image, epochs in the job's seeded order, augmented and
+    grouped as the reader does) are decoded before the clock starts; each step is
+    `train_loop.train_step` (forward, NaN check, backward, clipping, optimizer) plus the
+    scheduler, on as many threads as a Ray worker gets. Throughput is measured per progress
+    window and the same warm-up windows are dropped as for the Ray runs.
+    """
+    from itertools import islice
+
+    from recipes import train_batches  # benchmarks/ is on sys.path when run as a script
+
+    from panet_model import build_panet
+    from pipeline.data.reader import label_map
+    from pipeline.data.shards import load_manifest
+    from pipeline.solver import build_optimizer, build_scheduler
+    from pipeline.train_loop import train_step
+
+    torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))  # as a Ray worker
+    labels = label_map(load_manifest(shards["train"]))
+    steps = job.solver.max_steps
+    batches = list(islice(train_batches(shards["train"], job, labels), steps))
+    torch.manual_seed(job.seed)
     model = build_panet(job.model, num_classes=len(labels) + 1).train()
     optimizer = build_optimizer(model, job)
-    times = []
-    for step in range(steps):
-        images, targets = batches[step % len(batches)]
-        t0 = time.perf_counter()
-        losses = model(images, targets)
-        sum(losses.values()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    steady = times[len(times) // 4 :]
-    return batch / statistics.median(steady)
+    scheduler = build_scheduler(optimizer, job)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    rates = []
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(batches, 1):
+        train_step(model, images, targets, optimizer, scaler, job, torch.device("cpu"))
+        scheduler.step()
+        if step % log_every == 0:
+            now = time.perf_counter()
+            rates.append(log_every * job.solver.ims_per_batch / (now - start))
+            start = now
+    return statistics.median(rates[WARMUP_WINDOWS:])
 
 
-def ray_run(
+def job_config(
     shards: dict[str, Path], storage: Path, workers: int, batch: int, steps: int, log_every: int
-) -> dict[str, float]:
-    """Run the real training job; read its steady-state throughput back from MLflow."""
-    from mlflow.tracking import MlflowClient
-
+) -> Any:
+    """The demo config, sized for a throughput run: evaluation only at the end."""
     from pipeline.config import load_job_config
-    from pipeline.trainer import run_training
 
-    job = load_job_config(
+    return load_job_config(
         Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_synth.yaml",
         {
             "name": f"throughput-{workers}w",
@@ -96,10 +97,22 @@ def ray_run(
             "log_every": log_every,
             "checkpoint.every_steps": steps,
             "checkpoint.storage_path": str(storage),
+            "eval.every_steps": 0,
             "eval.pictures": 0,
             "tracking.log_model": False,
         },
     )
+
+
+def ray_run(
+    shards: dict[str, Path], storage: Path, workers: int, batch: int, steps: int, log_every: int
+) -> dict[str, float]:
+    """Run the real training job; read its steady-state throughput back from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.trainer import run_training
+
+    job = job_config(shards, storage, workers, batch, steps, log_every)
     result = run_training(job)
     client = MlflowClient(result["tracking_uri"])
 
@@ -124,16 +137,13 @@ def main() -> None:
 
     import ray
 
-    from pipeline.config import load_job_config
-
     with tempfile.TemporaryDirectory(prefix="panet-throughput-") as tmp:
         root = Path(tmp)
-        shards = make_shards(root, train=64, val=4)
-        job = load_job_config(
-            Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_synth.yaml",
-            {"data.train": str(shards["train"]), "data.val": str(shards["val"])},
-        )
-        plain = plain_loop(shards, max(steps // 2, 12), batch, job)
+        # One epoch per run: a steady state without the epoch restart (README: ~8 s each).
+        shards = make_shards(root, train=steps * batch, val=4)
+        job = job_config(shards, root / "plain", 1, batch, steps, log_every)
+        plain = plain_loop(shards, job, log_every)
+        print(f"[plain] {plain:.3f} images/s", flush=True)
         ray.init(num_cpus=4)
         try:
             one = ray_run(shards, root / "runs", 1, batch, steps, log_every)

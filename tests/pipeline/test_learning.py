@@ -56,6 +56,7 @@ def test_tiny_learns_the_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFix
             "scaling.num_workers": 1,
             "scaling.cpus_per_worker": 2,
             "eval.every_steps": 0,  # only at the end
+            "checkpoint.every_steps": STEPS,  # only at the end (tests/pipeline/test_train.py)
             "eval.pictures": 0,
             "tracking.log_model": False,
         },
