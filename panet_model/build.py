@@ -8,7 +8,6 @@ from __future__ import annotations
 from functools import partial
 
 from torch import nn
-from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import AnchorGenerator, RegionProposalNetwork, RPNHead
@@ -30,6 +29,7 @@ from panet_model.heads import (
 )
 from panet_model.model import PANet
 from panet_model.norm import SyncBatchNorm, make_norm
+from panet_model.trunk import build_trunk
 from panet_model.weights import load_backbone_weights, load_model_weights
 
 FEATURE_NAMES = ["0", "1", "2", "3"]  # P2..P5 (or N2..N5 with BPA); "pool" is P6/N6
@@ -80,9 +80,7 @@ def backbone_norm_layer(kind: str, frozen_eps: float) -> type[nn.Module] | parti
 def build_backbone(cfg: PANetConfig) -> BackboneWithFPN:
     """ResNet/ResNeXt + FPN (+ BPA as the FPN's extra block, which also makes N6)."""
     b = cfg.backbone
-    trunk = getattr(resnet, b.name)(
-        weights=None, norm_layer=backbone_norm_layer(b.norm, b.frozen_bn_eps)
-    )
+    trunk = build_trunk(b.name, b.width, backbone_norm_layer(b.norm, b.frozen_bn_eps))
     if b.weights:
         load_backbone_weights(trunk, b.weights)
     extra = (

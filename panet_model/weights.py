@@ -56,9 +56,25 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     return obj
 
 
+def check_shapes(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str, target: str
+) -> None:
+    """Raise naming `source` and the first tensor whose shape differs from `own`'s."""
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(
+            f"{source}: {len(mismatched)} tensors of the wrong shape, e.g. {k!r} is "
+            f"{tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the {target}"
+        )
+
+
 def load_backbone_weights(trunk: nn.Module, uri: str) -> None:
     """Load ImageNet classification weights into a ResNet trunk (the classifier is ignored)."""
     state = {k: v for k, v in read_state_dict(uri).items() if not k.startswith("fc.")}
+    check_shapes(
+        state, trunk.state_dict(), f"backbone weights {uri!r}", "backbone (ImageNet: width 64)"
+    )
     missing, unexpected = trunk.load_state_dict(state, strict=False)
     missing = [
         k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
@@ -82,13 +98,7 @@ def load_model_weights(model: nn.Module, uri: str) -> None:
     ]
     for k in skipped:
         del state[k]
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if mismatched:
-        k = mismatched[0]
-        raise ValueError(
-            f"weights {uri!r}: {len(mismatched)} tensors of the wrong shape, e.g. {k!r} is "
-            f"{tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in the model"
-        )
+    check_shapes(state, own, f"weights {uri!r}", "model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in skipped and not k.endswith("num_batches_tracked")]
     if missing or unexpected:

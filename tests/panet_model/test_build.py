@@ -303,5 +303,9 @@ def test_backbone_weights_from_local_file(tiny_cfg: PANetConfig, tmp_path) -> No
     trunk = resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
     torch.save(trunk.state_dict(), path)
-    model = build_panet(tiny_cfg.override({"backbone.weights": str(path)}), NUM_CLASSES)
+    cfg = tiny_cfg.override({"backbone.weights": str(path), "backbone.width": 64})
+    model = build_panet(cfg, NUM_CLASSES)
     torch.testing.assert_close(model.backbone.body.conv1.weight, trunk.conv1.weight)
+    # The narrow trunk of the tiny preset cannot take them: the error names file and tensor.
+    with pytest.raises(ValueError, match=r"resnet18\.pth.*'conv1\.weight' is \(64, 3, 7, 7\)"):
+        build_panet(tiny_cfg.override({"backbone.weights": str(path)}), NUM_CLASSES)
