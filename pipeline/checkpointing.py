@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 STATE_FILE = "state.pt"
 
@@ -54,3 +55,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_state_file(run_dir: Path) -> Path | None:
+    """The newest `step-*/state.pt` of a job directory, or None."""
+    files = sorted(Path(run_dir).glob(f"step-*/{STATE_FILE}"))
+    return files[-1] if files else None
+
+
+def check_resumable(run_dir: Path, model: nn.Module, model_config: dict[str, Any]) -> None:
+    """Fail before training if the job's latest checkpoint cannot load into `model`.
+
+    Re-running a job name resumes it; after a change of the model's shape (a new preset
+    version, another width) the checkpoint's tensors would not fit. Raises ValueError naming
+    the directory, the first differing tensor and the config keys that changed.
+    """
+    from panet_model.config import flatten
+
+    path = latest_state_file(run_dir)
+    if path is None:
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the path
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely: {err}") from err
+    saved, own = state.get("model", {}), model.state_dict()
+    differs = sorted(
+        k
+        for k in saved.keys() | own.keys()
+        if k not in saved or k not in own or saved[k].shape != own[k].shape
+    )
+    if not differs:
+        return
+    old = flatten(state.get("config", {}).get("model", {}))
+    new = flatten(model_config)
+    changed = [
+        f"model.{k} {old.get(k, 'unset')} -> {new.get(k, 'unset')}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
+    raise ValueError(
+        f"job directory {str(run_dir)!r} holds {path.parent.name} of another model or class count "
+        f"({len(differs)} tensors differ, e.g. {differs[0]!r}; changed: "
+        f"{', '.join(changed[:6]) or 'no config key'}): re-running a job name resumes it, so "
+        "train under a new name (--set name=...) or remove that directory to start over"
+    )

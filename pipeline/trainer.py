@@ -57,6 +57,7 @@ def preflight(job: JobConfig) -> Plan:
         raise ValueError(f"config key 'solver.ims_per_batch': {err}") from err
     if num_rows(val) == 0:
         raise ValueError(f"config key 'data.val': {job.data.val!r} holds no records")
+    check_resume(job, len(train_cats) + 1)
     return Plan(
         num_classes=len(train_cats) + 1,
         categories=dict(train_cats),
@@ -66,6 +67,18 @@ def preflight(job: JobConfig) -> Plan:
         val_rows=num_rows(val),
         manifest_id=str(train.get("fingerprint", "")),
     )
+
+
+def check_resume(job: JobConfig, num_classes: int) -> None:
+    """A job name that resumes must still fit its checkpoint (`check_resumable`)."""
+    from pipeline.checkpointing import check_resumable, latest_state_file
+
+    if latest_state_file(job.run_dir) is None:
+        return
+    from panet_model import build_panet
+
+    model = build_panet(job.model, num_classes=num_classes)
+    check_resumable(job.run_dir, model, job.to_dict()["model"])
 
 
 def _manifest(load: Any, key: str, path: str) -> dict:

@@ -9,6 +9,7 @@ import pytest
 from pipeline.config import JobConfig, load_job_config, parse_set
 
 REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 
 
@@ -90,3 +91,31 @@ def test_bad_files(tmp_path: Path) -> None:
 def test_flat_has_model_keys() -> None:
     flat = JobConfig().flat()
     assert flat["model.afp.fusion"] == "max" and flat["solver.base_lr"] == 0.02
+
+
+def test_resuming_a_job_of_another_model_fails_before_ray(tmp_path: Path) -> None:
+    """A job directory whose checkpoint no longer fits the model is named, with what changed."""
+    from panet_model import build_panet
+    from pipeline.checkpointing import save_state
+    from pipeline.demo import ensure_shards
+    from pipeline.trainer import preflight
+
+    shards = {
+        s: ensure_shards(tmp_path / "raw", tmp_path / "shards", s, 4, i)
+        for i, s in enumerate(("train", "val"))
+    }
+    sets = {
+        "data.train": str(shards["train"]),
+        "data.val": str(shards["val"]),
+        "checkpoint.storage_path": str(tmp_path / "runs"),
+    }
+    job = load_job_config(CONFIG, sets)
+    plan = preflight(job)  # no checkpoint yet
+    wide = load_job_config(CONFIG, {**sets, "model.backbone.width": 64})
+    step = job.run_dir / "step-00000002"
+    step.mkdir(parents=True)
+    model = build_panet(wide.model, num_classes=plan.num_classes)
+    save_state(step, model=model.state_dict(), config=wide.to_dict(), step=2)
+    with pytest.raises(ValueError, match=r"step-00000002 .*model\.backbone\.width 64 -> 32.*name"):
+        preflight(job)
+    preflight(wide)  # the same model resumes
