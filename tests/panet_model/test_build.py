@@ -114,7 +114,8 @@ def test_resnet50_presets_train_and_evaluate(preset: str) -> None:
 @pytest.mark.parametrize("name", ["resnet101", "resnext101_32x8d", "resnext101_64x4d"])
 def test_large_backbones_build_and_run(tiny_cfg: PANetConfig, name: str) -> None:
     torch.manual_seed(0)
-    model = build_panet(tiny_cfg.override({"backbone.name": name}), NUM_CLASSES)
+    cfg = tiny_cfg.override({"backbone.name": name, "backbone.width": 64})  # the paper's trunks
+    model = build_panet(cfg, NUM_CLASSES)
     train_step_and_eval(model)
 
 
