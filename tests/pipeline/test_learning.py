@@ -2,7 +2,7 @@
 
 The data, model and recipe of `make demo` (600 training and 80 held-out validation images of
 other seeds, 4 images a step, AdamW at lr 0.003 decaying linearly to zero, class-agnostic
-box regression), trained for `STEPS` steps instead of the demo's 400, scored with pycocotools on
+box regression), trained for `STEPS` steps instead of the demo's 300, scored with pycocotools on
 the held-out images; then `panet eval` scores the final checkpoint again on 2 workers.
 
 The demo trains on 2 workers with SyncBN, 2 images each. This test trains the same global
