@@ -182,7 +182,7 @@ class PANetConfig:
         require(b.width > 0, "backbone.width", "a positive integer")
         if b.width != 64:
             require(
-                b.name.startswith("resnet") and not b.name.startswith("resnext"),
+                b.name in ("resnet18", "resnet34", "resnet50", "resnet101"),
                 "backbone.width",
                 f"64 for {b.name} (only ResNets are narrowed)",
             )

@@ -21,11 +21,7 @@ def build_trunk(name: str, width: int, norm_layer: Callable[..., nn.Module]) -> 
     """torchvision's `name` at `width == 64`; otherwise a `NarrowResNet` of the same depth."""
     if width == PAPER_WIDTH:
         return getattr(resnet, name)(weights=None, norm_layer=norm_layer)
-    if name not in STAGES:
-        raise ValueError(
-            f"config key 'backbone.width': {width} needs one of {sorted(STAGES)}, not {name!r}"
-        )
-    block, layers = STAGES[name]
+    block, layers = STAGES[name]  # `PANetConfig.validate` allows narrowing only these
     return NarrowResNet(block, layers, width, norm_layer)
 
 

@@ -23,8 +23,10 @@ def save_state(directory: Path, **state: Any) -> Path:
     return path
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
+def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint written by `save_state`: a checkpoint directory or its `state.pt`.
+
+    `mmap=True` maps the tensors instead of reading them (to inspect shapes cheaply).
 
     Raises:
         FileNotFoundError / ValueError: naming the path.
@@ -35,7 +37,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - re-raised with the path
         raise ValueError(f"checkpoint {str(p)!r} cannot be read safely: {err}") from err
     if not isinstance(state, dict) or "model" not in state:
@@ -63,22 +65,16 @@ def latest_state_file(run_dir: Path) -> Path | None:
     return files[-1] if files else None
 
 
-def check_resumable(run_dir: Path, model: nn.Module, model_config: dict[str, Any]) -> None:
-    """Fail before training if the job's latest checkpoint cannot load into `model`.
+def check_resumable(path: Path, model: nn.Module, model_config: dict[str, Any]) -> None:
+    """Fail before training if the job's checkpoint `path` cannot load into `model`.
 
     Re-running a job name resumes it; after a change of the model's shape (a new preset
     version, another width) the checkpoint's tensors would not fit. Raises ValueError naming
-    the directory, the first differing tensor and the config keys that changed.
+    the job directory, the first differing tensor and the config keys that changed.
     """
     from panet_model.config import flatten
 
-    path = latest_state_file(run_dir)
-    if path is None:
-        return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the path
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read safely: {err}") from err
+    state = load_state(path, mmap=True)
     saved, own = state.get("model", {}), model.state_dict()
     differs = sorted(
         k
@@ -95,7 +91,7 @@ def check_resumable(run_dir: Path, model: nn.Module, model_config: dict[str, Any
         if old.get(k) != new.get(k)
     ]
     raise ValueError(
-        f"job directory {str(run_dir)!r} holds {path.parent.name} of another model or class count "
+        f"job directory {str(path.parent.parent)!r} holds {path.parent.name} of another model or class count "
         f"({len(differs)} tensors differ, e.g. {differs[0]!r}; changed: "
         f"{', '.join(changed[:6]) or 'no config key'}): re-running a job name resumes it, so "
         "train under a new name (--set name=...) or remove that directory to start over"

@@ -73,12 +73,13 @@ def check_resume(job: JobConfig, num_classes: int) -> None:
     """A job name that resumes must still fit its checkpoint (`check_resumable`)."""
     from pipeline.checkpointing import check_resumable, latest_state_file
 
-    if latest_state_file(job.run_dir) is None:
+    path = latest_state_file(job.run_dir)
+    if path is None:
         return
     from panet_model import build_panet
 
     model = build_panet(job.model, num_classes=num_classes)
-    check_resumable(job.run_dir, model, job.to_dict()["model"])
+    check_resumable(path, model, job.to_dict()["model"])
 
 
 def _manifest(load: Any, key: str, path: str) -> dict:
