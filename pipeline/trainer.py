@@ -259,6 +259,9 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     from pipeline import tracking
 
     plan = preflight(job)
+    done = finished_result(job)
+    if done is not None:
+        return done
     connect_ray(job)
     check_resources(job)
     uri, run_id = open_run(job, plan)
@@ -283,6 +286,41 @@ def run_training(job: JobConfig) -> dict[str, Any]:
         saved = json.loads((Path(checkpoint) / "metrics.json").read_text())
         metrics = {k: float(v) for k, v in saved.items() if k.startswith(("bbox/", "segm/"))}
     return {"metrics": metrics, "tracking_uri": uri, "run_id": run_id, "checkpoint": checkpoint}
+
+
+def finished_result(job: JobConfig) -> dict[str, Any] | None:
+    """The result of a job already trained to `solver.max_steps`, read without starting Ray.
+
+    Re-running a finished job resumes it with nothing left to train: its latest checkpoint
+    (`metrics.json` beside `state.pt`) and its MLflow run (`mlflow_run.json`) are the answer.
+    None when the job is new, unfinished, or now logs to another tracking URI.
+    """
+    from pipeline import tracking
+    from pipeline.checkpointing import latest_state_file
+
+    path = latest_state_file(job.run_dir)
+    record_file = job.run_dir / "mlflow_run.json"
+    if path is None or not record_file.is_file() or not (path.parent / "metrics.json").is_file():
+        return None
+    saved = json.loads((path.parent / "metrics.json").read_text())
+    record = json.loads(record_file.read_text())
+    uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
+    step = int(saved.get("step", -1))
+    if step < job.solver.max_steps or record.get("tracking_uri") != uri:
+        return None
+    print(
+        f"[panet] job {job.name!r} is already trained to step {step} (solver.max_steps="
+        f"{job.solver.max_steps}): nothing to train; raise solver.max_steps to train on, or "
+        f"train under a new name. Latest checkpoint: {path.parent}",
+        flush=True,
+    )
+    metrics = {k: float(v) for k, v in saved.items() if k.startswith(("bbox/", "segm/"))}
+    return {
+        "metrics": metrics,
+        "tracking_uri": uri,
+        "run_id": record["run_id"],
+        "checkpoint": str(path.parent),
+    }
 
 
 def _interrupted() -> bool:

@@ -78,7 +78,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_two_worker_syncbn_run_logs_everything(cluster, shards, server, tmp_path) -> None:
+def test_two_worker_syncbn_run_logs_everything(cluster, shards, server, tmp_path, capsys) -> None:
     job = job_for(shards, tmp_path, **{"tracking.uri": server})
     assert job.model.backbone.norm == "syncbn" and job.scaling.num_workers == 2
     result = run_training(job)
@@ -128,9 +128,13 @@ def test_two_worker_syncbn_run_logs_everything(cluster, shards, server, tmp_path
         torch.testing.assert_close(loaded.state_dict()[key], value)
     assert set(result["metrics"]) >= {"bbox/AP", "segm/AP"}
 
-    # Re-running the finished job resumes (nothing left to train) and reuses the run.
+    # Re-running the finished job resumes (nothing left to train, no worker started) and
+    # reuses the run.
+    capsys.readouterr()
     again = run_training(job)
+    assert "is already trained to step 6" in capsys.readouterr().out
     assert again["run_id"] == result["run_id"]
+    assert again["checkpoint"] == result["checkpoint"]
     assert again["metrics"] == pytest.approx(result["metrics"], nan_ok=True)
     experiment = client.get_experiment_by_name(job.tracking.experiment)
     assert len(client.search_runs([experiment.experiment_id])) == 1
