@@ -24,7 +24,7 @@ from panet_model import build_panet
 from pipeline import tracking
 from pipeline.checkpointing import load_state, rng_state, save_state, set_rng_state
 from pipeline.config import JobConfig
-from pipeline.data.reader import ReaderStats, iter_epochs, iter_eval_batches
+from pipeline.data.reader import ReaderStats, iter_eval_batches, iter_train_batches
 from pipeline.solver import build_optimizer, build_scheduler
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -251,56 +251,58 @@ def train_loop(
     bad_steps = 0
     window = Window()
     run_start, run_start_step = time.perf_counter(), step
-    batches = iter_epochs(
-        ray.train.get_dataset_shard("train"),
-        job.local_batch_size,
-        step,
-        total_steps,
-        steps_per_epoch,
-        stats,
-        group_window=job.data.group_window,
-        seed_of=lambda epoch: (job.seed, epoch, rank),
-    )
-    model.train()
-    waited_from = time.perf_counter()
-    for images, targets in batches:
-        data_wait = time.perf_counter() - waited_from
-        images, targets = to_device(images, targets, device)
-        loss_dict, bad = train_step(model, images, targets, optimizer, scaler, job, device)
-        scheduler.step()
-        step += 1
-        if bad is not None:
-            bad_steps += 1
-            if bad_steps > job.solver.max_bad_steps:
-                raise FloatingPointError(
-                    f"step {step}: loss is not finite ({bad}); stopped after {bad_steps} bad "
-                    f"step(s) (solver.max_bad_steps={job.solver.max_bad_steps}). Lower "
-                    "solver.base_lr or set solver.clip_grad_norm."
-                )
-            if rank == 0:
-                print(f"[train] step {step}: skipped, loss not finite ({bad})")
-        else:
-            window.add(loss_dict, len(images) * size, data_wait)
-        if step % job.log_every == 0 or step == total_steps:
-            log_progress(
-                window,
-                optimizer,
-                ctx,
-                step,
-                stats,
-                bad_steps,
-                device,
-                run_start,
-                run_start_step,
-            )
-            window = Window()
-        is_eval = job.eval.every_steps and step % job.eval.every_steps == 0
-        if is_eval or step == total_steps:
-            metrics = run_evaluation(model, ctx, step, device) or metrics
-            model.train()
-        if step % job.checkpoint.every_steps == 0 or step == total_steps:
-            save_checkpoint(model, optimizer, scheduler, scaler, ctx, step, metrics)
+    train_shard = ray.train.get_dataset_shard("train")
+    while step < total_steps:
+        # A resumed run finishes its epoch with a fresh pass over the data.
+        n = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
+        model.train()
         waited_from = time.perf_counter()
+        batches = iter_train_batches(
+            train_shard,
+            job.local_batch_size,
+            n,
+            stats,
+            group_window=job.data.group_window,
+            seed=(job.seed, step // steps_per_epoch, rank),
+        )
+        for images, targets in batches:
+            data_wait = time.perf_counter() - waited_from
+            images, targets = to_device(images, targets, device)
+            loss_dict, bad = train_step(model, images, targets, optimizer, scaler, job, device)
+            scheduler.step()
+            step += 1
+            if bad is not None:
+                bad_steps += 1
+                if bad_steps > job.solver.max_bad_steps:
+                    raise FloatingPointError(
+                        f"step {step}: loss is not finite ({bad}); stopped after {bad_steps} bad "
+                        f"step(s) (solver.max_bad_steps={job.solver.max_bad_steps}). Lower "
+                        "solver.base_lr or set solver.clip_grad_norm."
+                    )
+                if rank == 0:
+                    print(f"[train] step {step}: skipped, loss not finite ({bad})")
+            else:
+                window.add(loss_dict, len(images) * size, data_wait)
+            if step % job.log_every == 0 or step == total_steps:
+                log_progress(
+                    window,
+                    optimizer,
+                    ctx,
+                    step,
+                    stats,
+                    bad_steps,
+                    device,
+                    run_start,
+                    run_start_step,
+                )
+                window = Window()
+            is_eval = job.eval.every_steps and step % job.eval.every_steps == 0
+            if is_eval or step == total_steps:
+                metrics = run_evaluation(model, ctx, step, device) or metrics
+                model.train()
+            if step % job.checkpoint.every_steps == 0 or step == total_steps:
+                save_checkpoint(model, optimizer, scheduler, scaler, ctx, step, metrics)
+            waited_from = time.perf_counter()
     if rank == 0 and job.tracking.log_model:
         try:
             uri = tracking.log_model(ctx["tracking_uri"], run_id, unwrap(model), step=step)

@@ -32,8 +32,7 @@ augmented anew, and `build_train_dataset(epoch=k)` reproduces the k-th pass of `
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import islice
@@ -311,7 +310,6 @@ def iter_train_batches(
     prefetch_batches: int = 1,
     group_window: int = 1,
     seed: int | Sequence[int] = 0,
-    on_last_read: Callable[[], None] | None = None,
 ) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
     """Exactly `steps` training batches of exactly `local_batch_size` samples.
 
@@ -332,9 +330,6 @@ def iter_train_batches(
         prefetch_batches: Ray Data batches to prefetch.
         group_window: steps whose rows are regrouped together; 1 keeps the stream's batches.
         seed: seeds the order of the regrouped batches, e.g. (run seed, epoch, rank).
-        on_last_read: called once, when the rows of the last window are read and the
-            iterator is closed, before that window's batches are yielded (`iter_epochs`
-            starts the next pass there).
 
     Yields:
         (images, targets): `local_batch_size` float32 (3, H_i, W_i) images in [0, 1] and
@@ -357,15 +352,6 @@ def iter_train_batches(
     rows = _rows(data_iterator, local_batch_size, prefetch_batches)
     previous: list[dict[str, Any]] = []  # valid rows of the last batch: fill-in of last resort
     warned_short = False
-    read_all = False
-
-    def done_reading() -> None:
-        nonlocal read_all
-        rows.close()  # stop Ray's prefetching for this pass
-        read_all = True
-        if on_last_read is not None:
-            on_last_read()
-
     try:
         step = 0
         while step < steps:
@@ -385,8 +371,6 @@ def iter_train_batches(
                 groups = group_by_shape([r for r in chunk if stats._saw(r)], local_batch_size)
                 groups = [groups[i] for i in rng.permutation(len(groups))]
             groups += [[] for _ in range(window - len(groups))]
-            if step + window == steps and (previous or groups[0]):
-                done_reading()  # the last window needs no further row (see the fill-in below)
             for valid in groups:
                 pool = valid or previous
                 if not pool:
@@ -402,100 +386,8 @@ def iter_train_batches(
                 previous = pool
                 step += 1
                 yield collate_train(valid + fill)
-        if not read_all:
-            done_reading()
     finally:
-        rows.close()  # stop Ray's prefetching for this pass
-
-
-def iter_epochs(
-    data_iterator: Any,
-    local_batch_size: int,
-    first_step: int,
-    total_steps: int,
-    steps_per_epoch: int,
-    stats: ReaderStats | None = None,
-    *,
-    group_window: int = 1,
-    seed_of: Callable[[int], Sequence[int]] = lambda epoch: (epoch,),
-    prefetch_batches: int = 1,
-) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
-    """The training batches of steps `first_step + 1 .. total_steps`, one pass per epoch.
-
-    Each epoch is one `iter_train_batches` pass of `steps_per_epoch` steps (a run resumed
-    mid-epoch finishes its epoch with a fresh pass). Ray Data needs seconds to start a pass
-    (~10 s on a 2-core host); so that the first steps of an epoch do not wait for it, the next
-    pass starts in a background thread as soon as the rows of the current pass's last window
-    are read, while that window trains. The batches are the same as without the overlap.
-
-    Args:
-        data_iterator: `ray.train.get_dataset_shard(...)` of a `build_train_dataset` dataset.
-        local_batch_size: samples per batch on this worker.
-        first_step: steps already done (0, or the step of the resumed checkpoint).
-        total_steps: the step to stop at.
-        steps_per_epoch: from `steps_per_epoch` (the same on every rank).
-        stats: counters to update; a fresh `ReaderStats` if None.
-        group_window: as `iter_train_batches`.
-        seed_of: the `iter_train_batches` seed of an epoch, e.g. (run seed, epoch, rank).
-        prefetch_batches: Ray Data batches to prefetch.
-
-    Yields:
-        (images, targets) as `iter_train_batches`.
-    """
-    stats = stats if stats is not None else ReaderStats()
-    ahead: dict[int, _Started] = {}  # first step of a pass -> that pass, started early
-
-    def open_pass(step: int) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
-        n = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
-
-        def start_next() -> None:
-            if step + n < total_steps:
-                ahead[step + n] = _Started(open_pass(step + n))
-
-        return iter_train_batches(
-            data_iterator,
-            local_batch_size,
-            n,
-            stats,
-            prefetch_batches=prefetch_batches,
-            group_window=group_window,
-            seed=seed_of(step // steps_per_epoch),
-            on_last_read=start_next,
-        )
-
-    step = first_step
-    while step < total_steps:
-        batches = ahead.pop(step).take() if step in ahead else open_pass(step)
-        for batch in batches:
-            step += 1
-            yield batch
-
-
-_END = object()
-
-
-class _Started:
-    """A generator whose first item is being fetched in a background thread."""
-
-    def __init__(self, gen: Iterator[Any]) -> None:
-        self._gen, self._first, self._error = gen, _END, None
-        self._thread = threading.Thread(target=self._fetch, name="next-epoch", daemon=True)
-        self._thread.start()
-
-    def _fetch(self) -> None:
-        try:
-            self._first = next(self._gen, _END)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer's thread
-            self._error = err
-
-    def take(self) -> Iterator[Any]:
-        """The whole generator, first item included; re-raises an error of the fetch."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._first is not _END:
-            yield self._first
-        yield from self._gen
+        rows.close()  # stop Ray's prefetching for this epoch
 
 
 def group_by_shape(rows: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:

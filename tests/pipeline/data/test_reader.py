@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from pipeline.data.collate import collate_eval, collate_train
 from pipeline.data.reader import (
     ReaderStats,
     inverse_label_map,
-    iter_epochs,
     iter_eval_batches,
     iter_train_batches,
     label_map,
@@ -224,64 +222,6 @@ def test_iter_train_batches_all_corrupt_raises():
     table = samples([corrupt_image(1), corrupt_image(2)])
     with pytest.raises(RuntimeError, match="no valid training record"):
         list(iter_train_batches(ListIterator(table), 2, steps=1))
-
-
-class PassIterator:
-    """A DataIterator whose k-th `iter_batches` call streams `tables[k]`; records each start."""
-
-    def __init__(self, tables: list[pa.Table]) -> None:
-        self.tables, self.started = tables, []
-        self.event = threading.Event()
-
-    def iter_batches(self, batch_size, batch_format, prefetch_batches):
-        k = len(self.started)
-        self.started.append(threading.current_thread().name)
-        self.event.set()
-        table = self.tables[k]
-        for i in range(0, table.num_rows, batch_size):
-            yield table.slice(i, batch_size)
-
-
-def ids_of(batches) -> list[list[int]]:
-    return [[t["image_id"].item() for t in targets] for _, targets in batches]
-
-
-def test_iter_epochs_gives_the_batches_of_consecutive_passes():
-    # 3 steps per epoch of 2 images, 7 rows a pass (one left over); resumed at step 1 of 8.
-    tables = [samples([record(100 * k + i) for i in range(1, 8)]) for k in range(4)]
-    got = ids_of(
-        iter_epochs(PassIterator(tables), 2, 1, 8, 3, group_window=2, seed_of=lambda e: (5, e))
-    )
-    # The resumed epoch 0 finishes with 2 steps of a fresh pass, then epochs 1 and 2 (3 + 2).
-    expected = []
-    for k, (epoch, n) in enumerate([(0, 2), (1, 3), (2, 2)]):
-        expected += ids_of(
-            iter_train_batches(ListIterator(tables[k]), 2, n, group_window=2, seed=(5, epoch))
-        )
-    assert got == expected and len(got) == 7
-    assert {i // 100 for b in got for i in b} == {0, 1, 2}
-
-
-def test_iter_epochs_starts_the_next_pass_while_the_last_window_trains():
-    tables = [samples([record(10 * k + i) for i in range(1, 5)]) for k in range(2)]
-    it = PassIterator(tables)
-    batches = iter_epochs(it, 2, 0, 4, 2, group_window=2)
-    first = ids_of([next(batches)])  # epoch 0 is one window: all its rows are read now ...
-    deadline = time.monotonic() + 10
-    while len(it.started) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # ... so the second pass has started, in the background, before epoch 0's 2nd batch.
-    assert it.started == ["MainThread", "next-epoch"]
-    rest = ids_of(batches)
-    assert len(rest) == 3 and max(first[0] + rest[0]) < 10 and min(rest[1] + rest[2]) > 10
-
-
-def test_iter_epochs_raises_an_error_of_the_early_pass_in_the_consumer():
-    tables = [samples([record(1), record(2)]), samples([corrupt_image(3), corrupt_image(4)])]
-    batches = iter_epochs(PassIterator(tables), 2, 0, 2, 1)
-    assert len(next(batches)[0]) == 2
-    with pytest.raises(RuntimeError, match="no valid training record"):
-        next(batches)
 
 
 def sized(image_id: int, height: int, width: int) -> dict:
@@ -521,21 +461,17 @@ def _train_loop_per_worker(config):
     import ray.train
     import torch.distributed as dist
 
-    stats = ReaderStats()
-    n = 0
-    # Two epochs, the second pass started early in a thread while the first one's last
-    # window trains: the split's epoch barrier must hold on both ranks.
-    for _images, _targets in iter_epochs(
-        ray.train.get_dataset_shard("train"),
-        config["local"],
-        0,
-        2 * config["steps"],
-        config["steps"],
-        stats,
-    ):
-        dist.barrier()  # DDP's per-step allreduce: hangs if step counts differ across ranks
-        n += 1
-    out = {"steps": n, "skipped": stats.skipped_corrupt}
+    out = {"steps": [], "skipped": 0}
+    for _ in range(2):
+        stats = ReaderStats()
+        n = 0
+        for _images, _targets in iter_train_batches(
+            ray.train.get_dataset_shard("train"), config["local"], config["steps"], stats
+        ):
+            dist.barrier()  # DDP's per-step allreduce: hangs if step counts differ across ranks
+            n += 1
+        out["steps"].append(n)
+        out["skipped"] += stats.skipped_corrupt
     ids = [
         t["image_id"].item()
         for _, targets in iter_eval_batches(ray.train.get_dataset_shard("eval"), 3)
@@ -573,6 +509,6 @@ def test_torch_trainer_gets_equal_train_steps_and_full_eval_coverage(ray_local, 
     )
     trainer.fit()
     ranks = json.loads((tmp_path / "ranks.json").read_text())
-    assert [r["steps"] for r in ranks] == [2 * steps] * 2
+    assert [r["steps"] for r in ranks] == [[steps, steps]] * 2
     eval_ids = Counter(i for r in ranks for i in r["ids"])
     assert sorted(eval_ids) == [1, *range(3, 12)] and set(eval_ids.values()) == {1}
