@@ -302,8 +302,11 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
     record_file = job.run_dir / "mlflow_run.json"
     if path is None or not record_file.is_file() or not (path.parent / "metrics.json").is_file():
         return None
-    saved = json.loads((path.parent / "metrics.json").read_text())
-    record = json.loads(record_file.read_text())
+    try:
+        saved = json.loads((path.parent / "metrics.json").read_text())
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: the normal path resumes from state.pt and rewrites both
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
     step = int(saved.get("step", -1))
     if step < job.solver.max_steps or record.get("tracking_uri") != uri:
