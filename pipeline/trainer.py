@@ -20,6 +20,7 @@ from pipeline.config import JobConfig
 # Ray Train V2 turns print() on workers into log records *and* tees it to stdout (printed twice
 # on the driver), and it defeats redirect_stdout (pycocotools' chatter leaks): plain print.
 WORKER_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+RUN_RECORD = "mlflow_run.json"  # in the job directory: the job's MLflow run id and tracking URI
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def open_run(job: JobConfig, plan: Plan) -> tuple[str, str]:
 
     job.run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
-    record = job.run_dir / "mlflow_run.json"
+    record = job.run_dir / RUN_RECORD
     previous = json.loads(record.read_text()) if record.is_file() else {}
     run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
     run_id = tracking.start_or_resume_run(
@@ -283,9 +284,13 @@ def run_training(job: JobConfig) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     if checkpoint is not None:
         # The latest checkpoint always exists after a run and carries the last evaluation.
-        saved = json.loads((Path(checkpoint) / "metrics.json").read_text())
-        metrics = {k: float(v) for k, v in saved.items() if k.startswith(("bbox/", "segm/"))}
+        metrics = coco_metrics(json.loads((Path(checkpoint) / "metrics.json").read_text()))
     return {"metrics": metrics, "tracking_uri": uri, "run_id": run_id, "checkpoint": checkpoint}
+
+
+def coco_metrics(saved: dict[str, Any]) -> dict[str, float]:
+    """The 12 COCO metrics of a checkpoint's `metrics.json` (its "step" left out)."""
+    return {k: float(v) for k, v in saved.items() if k.startswith(("bbox/", "segm/"))}
 
 
 def finished_result(job: JobConfig) -> dict[str, Any] | None:
@@ -299,14 +304,13 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
     from pipeline.checkpointing import latest_state_file
 
     path = latest_state_file(job.run_dir)
-    record_file = job.run_dir / "mlflow_run.json"
-    if path is None or not record_file.is_file() or not (path.parent / "metrics.json").is_file():
+    if path is None:
         return None
     try:
         saved = json.loads((path.parent / "metrics.json").read_text())
-        record = json.loads(record_file.read_text())
+        record = json.loads((job.run_dir / RUN_RECORD).read_text())
     except (OSError, ValueError):
-        return None  # unreadable: the normal path resumes from state.pt and rewrites both
+        return None  # missing or unreadable: the Ray path resumes from state.pt, rewrites both
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
     step = int(saved.get("step", -1))
     if step < job.solver.max_steps or record.get("tracking_uri") != uri:
@@ -317,9 +321,8 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
         f"train under a new name. Latest checkpoint: {path.parent}",
         flush=True,
     )
-    metrics = {k: float(v) for k, v in saved.items() if k.startswith(("bbox/", "segm/"))}
     return {
-        "metrics": metrics,
+        "metrics": coco_metrics(saved),
         "tracking_uri": uri,
         "run_id": record["run_id"],
         "checkpoint": str(path.parent),

@@ -130,32 +130,28 @@ def test_a_finished_job_is_answered_from_its_run_directory(
     from pipeline import tracking
     from pipeline.trainer import finished_result
 
-    job = load_job_config(CONFIG, {"checkpoint.storage_path": str(tmp_path), "solver.max_steps": 8})
+    def job_with(**sets):
+        return load_job_config(CONFIG, {"checkpoint.storage_path": str(tmp_path), **sets})
+
+    job = job_with(**{"solver.max_steps": 8})
     assert finished_result(job) is None  # a new job
     step_dir = job.run_dir / "step-00000008"
     step_dir.mkdir(parents=True)
     (step_dir / "state.pt").write_bytes(b"only its name is read here")
     (step_dir / "metrics.json").write_text(json.dumps({"step": 8, "segm/AP": 0.5, "bbox/AP": 0.4}))
+    assert finished_result(job) is None  # no MLflow run record yet
     uri = tracking.resolve_tracking_uri(job.run_dir, None)
     (job.run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": "r1", "tracking_uri": uri}))
 
-    done = finished_result(job)
-    assert done == {
+    assert finished_result(job) == {
         "metrics": {"segm/AP": 0.5, "bbox/AP": 0.4},
         "tracking_uri": uri,
         "run_id": "r1",
         "checkpoint": str(step_dir),
     }
     # Longer now, or logging elsewhere, or an unreadable record: Ray's path takes over.
-    assert (
-        finished_result(
-            load_job_config(
-                CONFIG, {"checkpoint.storage_path": str(tmp_path), "solver.max_steps": 9}
-            )
-        )
-        is None
-    )
-    other = {"checkpoint.storage_path": str(tmp_path), "tracking.uri": "http://127.0.0.1:5999"}
-    assert finished_result(load_job_config(CONFIG, {**other, "solver.max_steps": 8})) is None
+    assert finished_result(job_with(**{"solver.max_steps": 9})) is None
+    elsewhere = {"solver.max_steps": 8, "tracking.uri": "http://127.0.0.1:5999"}
+    assert finished_result(job_with(**elsewhere)) is None
     (step_dir / "metrics.json").write_text("{not json")
     assert finished_result(job) is None
