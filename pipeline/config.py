@@ -30,6 +30,7 @@ class DataSection:
     max_size: int = 1400  # long side cap of the training resize
     flip_prob: float = 0.5  # horizontal flip probability
     decode_cpus: float = 1.0  # logical CPUs per Ray Data decode task
+    decode_concurrency: int = 0  # most decode tasks at a time, 0 = as many as the CPUs allow
     group_window: int = 8  # steps whose images are regrouped by orientation and size (1: off)
 
 
@@ -180,6 +181,8 @@ class JobConfig:
         require(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")
         require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
         require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
+        require(self.data.decode_cpus > 0, "data.decode_cpus", "> 0")
+        require(self.data.decode_concurrency >= 0, "data.decode_concurrency", ">= 0 (0: no cap)")
         require(self.data.group_window >= 1, "data.group_window", ">= 1 (1 turns grouping off)")
         require(self.log_every >= 1, "log_every", ">= 1")
         try:

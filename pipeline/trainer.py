@@ -209,11 +209,10 @@ def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) ->
     from pipeline.train_loop import train_loop_per_worker
 
     aug = job.augment()
+    decode = decode_options(job.to_dict())
     datasets = {
-        "train": build_train_dataset(
-            job.data.train, aug, seed=job.seed, num_cpus=job.data.decode_cpus
-        ),
-        "eval": build_eval_dataset(job.data.val, num_cpus=job.data.decode_cpus),
+        "train": build_train_dataset(job.data.train, aug, seed=job.seed, **decode),
+        "eval": build_eval_dataset(job.data.val, **decode),
     }
     resources = {"CPU": job.scaling.cpus_per_worker}
     if job.scaling.use_gpu:
@@ -336,6 +335,15 @@ def _interrupted() -> bool:
     return isinstance(exc, KeyboardInterrupt)
 
 
+def decode_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data decode task options of a job's resolved config (`JobConfig.to_dict()`)."""
+    data = config.get("data", {})
+    return {
+        "num_cpus": data.get("decode_cpus"),
+        "concurrency": data.get("decode_concurrency") or None,
+    }
+
+
 def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> dict[str, float]:
     """`panet eval`: distributed inference over `data`, scored with pycocotools on rank 0."""
     import ray
@@ -376,7 +384,7 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
         run_config=RunConfig(
             name=f"eval-{os.getpid()}", storage_path=str(storage), worker_runtime_env=WORKER_ENV
         ),
-        datasets={"eval": build_eval_dataset(data)},
+        datasets={"eval": build_eval_dataset(data, **decode_options(state["config"]))},
         dataset_config=ReaderDataConfig(eval_datasets=("eval",)),
     )
     trainer.fit()

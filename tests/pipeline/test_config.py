@@ -70,6 +70,8 @@ def test_lr_scales_with_the_global_batch() -> None:
         (["solver.decay_steps=[5, 2]"], "solver.decay_steps"),
         (["data.val="], "data.val"),
         (["name=a/b"], "name"),
+        (["data.decode_concurrency=-1"], "data.decode_concurrency"),
+        (["data.decode_cpus=0"], "data.decode_cpus"),
     ],
 )
 def test_bad_config_names_the_key(sets: list[str], message: str) -> None:

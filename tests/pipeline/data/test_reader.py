@@ -403,6 +403,25 @@ def test_train_split_gives_equal_steps_with_uneven_rows_and_corrupt_records(ray_
 
 
 @pytest.mark.ray
+def test_datasets_read_parquet_v1_and_cap_decode_tasks(ray_local, tmp_path, capsys):
+    from pipeline.data.reader import build_eval_dataset, build_train_dataset
+
+    shard_dir = str(write_shard_dir(tmp_path / "v1", [[record(1), record(2)], [record(3)]]))
+    default = ray_local.use_datasource_v2
+    train = build_train_dataset(shard_dir, AUG, seed=0, num_cpus=0.5, concurrency=2)
+    evaluation = build_eval_dataset(shard_dir, concurrency=1)
+    for ds, cap in ((train, 2), (evaluation, 1)):
+        capsys.readouterr()
+        ds.explain()
+        plan = capsys.readouterr().out
+        # V1's read tasks; V2 (Ray 2.60's default) adds a ListFiles task to every execution.
+        assert "Read[ReadParquet]" in plan and "ListFiles" not in plan, plan
+        assert ds._logical_plan.dag.compute.size == cap  # the decode map's task cap
+        assert sorted(r["image_id"] for r in ds.take_all()) == [1, 2, 3]
+    assert ray_local.use_datasource_v2 == default  # the process-wide setting is left alone
+
+
+@pytest.mark.ray
 def test_eval_split_covers_every_image_exactly_once(ray_local, tmp_path):
     from pipeline.data.reader import ReaderDataConfig, build_eval_dataset
 
