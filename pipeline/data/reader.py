@@ -27,6 +27,12 @@ reproducible whatever Ray Data's block and batch boundaries. If one Dataset obje
 several times (Ray Train keeps the dataset it was given and re-executes it every epoch), the
 effective epoch is `epoch + execution index` of that Dataset, so each pass is shuffled and
 augmented anew, and `build_train_dataset(epoch=k)` reproduces the k-th pass of `epoch=0`.
+
+Pass start-up. Every epoch and every evaluation is a new execution, so what an execution
+starts with is paid each time: the Parquet files are read with Ray Data's V1 reader
+(`_read_parquet`), and `concurrency` caps the decode tasks, because each task beyond Ray's
+soft limit of worker processes (one per logical CPU) runs in a process started for it (~2 s of
+imports) and killed when idle, every pass (README, "Epochs").
 """
 
 from __future__ import annotations
