@@ -157,3 +157,18 @@ def test_a_finished_job_is_answered_from_its_run_directory(
     assert finished_result(job_with(**elsewhere)) is None
     (step_dir / "metrics.json").write_text("{not json")
     assert finished_result(job) is None
+
+
+def test_decode_options_come_from_the_resolved_config() -> None:
+    from pipeline.trainer import decode_options
+
+    job = load_job_config(
+        REPO / "jobs/configs/tiny_synth.yaml", {"data.train": "a", "data.val": "b"}
+    )
+    assert decode_options(job.to_dict()) == {"num_cpus": 0.5, "concurrency": 2}
+    uncapped = load_job_config(
+        REPO / "jobs/configs/tiny_synth.yaml", {"data.decode_concurrency": 0}
+    )
+    assert decode_options(uncapped.to_dict())["concurrency"] is None  # Ray Data decides
+    # A checkpoint written before these keys existed: Ray Data's defaults.
+    assert decode_options({"data": {}}) == {"num_cpus": None, "concurrency": None}
