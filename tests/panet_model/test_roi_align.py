@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from panet_model.roi_align import multilevel_roi_align, use_fast_path
+from panet_model.roi_align import multilevel_roi_align, sampling_matrix, transposed, use_fast_path
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
@@ -77,6 +77,21 @@ def test_float64_gradcheck() -> None:
         return multilevel_roi_align(fs, rois, (3, 3), SCALES, 2)
 
     assert torch.autograd.gradcheck(pool, tuple(feats))
+
+
+@pytest.mark.parametrize("level", range(4))
+def test_transposed_is_the_transpose(level: int) -> None:
+    """Every level's matrix of the hard RoIs (repeated columns within a row included), and none."""
+    n, _, h, w = level_features()[level].shape
+    for rois in (hard_rois(), torch.zeros(0, 5)):
+        a = sampling_matrix(rois, (n, h, w), SCALES[level], (7, 7), 2, False)
+        at = transposed(a)
+        assert at.layout == torch.sparse_csr and at.shape == (a.shape[1], a.shape[0])
+        assert at.values().numel() == a.values().numel()
+        torch.testing.assert_close(at.to_dense(), a.to_dense().t(), rtol=0, atol=0)
+        if rois.shape[0]:
+            g = torch.randn(a.shape[0], 3, generator=torch.Generator().manual_seed(level))
+            torch.testing.assert_close(torch.mm(at, g), a.to_dense().t() @ g)
 
 
 def test_no_rois() -> None:
