@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.data
-from ray.data import DataContext, FileShuffleConfig
+from ray.data import DataContext, FileShuffleConfig, TaskPoolStrategy
 from ray.train import DataConfig
 
 from pipeline.data.augment import AugmentConfig, augment_table, decode_eval_table
@@ -211,7 +211,7 @@ def build_train_dataset(
         batch_format="pyarrow",
         batch_size=TRAIN_MAP_BATCH,
         num_cpus=num_cpus,
-        concurrency=concurrency,
+        compute=TaskPoolStrategy(size=concurrency),  # `concurrency=` is deprecated
     )
 
 
@@ -238,7 +238,7 @@ def build_eval_dataset(
         batch_format="pyarrow",
         batch_size=EVAL_MAP_BATCH,
         num_cpus=num_cpus,
-        concurrency=concurrency,
+        compute=TaskPoolStrategy(size=concurrency),  # `concurrency=` is deprecated
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections import Counter
 from pathlib import Path
@@ -402,14 +403,35 @@ def test_train_split_gives_equal_steps_with_uneven_rows_and_corrupt_records(ray_
         assert not {2, 6} & set(seen)  # corrupt records never reach the model
 
 
+class ListHandler(logging.Handler):
+    """Keeps the messages of the records it handles."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.mark.ray
 def test_datasets_read_parquet_v1_and_cap_decode_tasks(ray_local, tmp_path, capsys):
     from pipeline.data.reader import build_eval_dataset, build_train_dataset
 
     shard_dir = str(write_shard_dir(tmp_path / "v1", [[record(1), record(2)], [record(3)]]))
     default = ray_local.use_datasource_v2
-    train = build_train_dataset(shard_dir, AUG, seed=0, num_cpus=0.5, concurrency=2)
-    evaluation = build_eval_dataset(shard_dir, concurrency=1)
+    ray_warnings = ListHandler()
+    ray_util_logger = logging.getLogger("ray.data._internal.util")
+    ray_util_logger.addHandler(ray_warnings)
+    try:
+        train = build_train_dataset(shard_dir, AUG, seed=0, num_cpus=0.5, concurrency=2)
+        evaluation = build_eval_dataset(shard_dir, concurrency=1)
+    finally:
+        ray_util_logger.removeHandler(ray_warnings)
+    # the cap goes through `compute=`: `concurrency=` warns on every dataset Ray 2.60 builds
+    assert not [m for m in ray_warnings.messages if "deprecated" in m], ray_warnings.messages
+    uncapped = build_eval_dataset(shard_dir)
+    assert uncapped._logical_plan.dag.compute.size is None  # Ray Data decides
     for ds, cap in ((train, 2), (evaluation, 1)):
         capsys.readouterr()
         ds.explain()
