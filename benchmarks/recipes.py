@@ -81,8 +81,10 @@ def run_recipe(
     from pipeline.evaluate import coco_evaluate, coco_ground_truth, evaluate_model
     from pipeline.solver import build_optimizer, build_scheduler
     from pipeline.train_loop import train_step
+    from pipeline.trainer import use_worker_onednn_cache
 
     torch.set_num_threads(threads)
+    use_worker_onednn_cache()  # as a Ray worker (trainer.worker_env)
     sets = {"data.train": str(shards["train"]), "data.val": str(shards["val"])}
     job = load_job_config(CONFIG, {**sets, **overrides, "solver.max_steps": steps})
     manifest = load_manifest(shards["train"])

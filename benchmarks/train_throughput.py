@@ -56,8 +56,10 @@ def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> float:
     from pipeline.data.shards import load_manifest
     from pipeline.solver import build_optimizer, build_scheduler
     from pipeline.train_loop import train_step
+    from pipeline.trainer import use_worker_onednn_cache
 
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))  # as a Ray worker
+    use_worker_onednn_cache()  # as a Ray worker (trainer.worker_env)
     labels = label_map(load_manifest(shards["train"]))
     steps = job.solver.max_steps
     batches = list(islice(train_batches(shards["train"], job, labels), steps))

@@ -172,3 +172,14 @@ def test_decode_options_come_from_the_resolved_config() -> None:
     assert decode_options(uncapped.to_dict())["concurrency"] is None  # Ray Data decides
     # A checkpoint written before these keys existed: Ray Data's defaults.
     assert decode_options({"data": {}}) == {"num_cpus": None, "concurrency": None}
+
+
+def test_worker_env_sizes_the_onednn_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.trainer import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, worker_env
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    env = worker_env()["env_vars"]
+    assert env[ONEDNN_CACHE_ENV] == str(ONEDNN_CACHE_CAPACITY) and ONEDNN_CACHE_CAPACITY > 1024
+    assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "1024")  # the driver's value wins
+    assert worker_env()["env_vars"][ONEDNN_CACHE_ENV] == "1024"
