@@ -59,7 +59,7 @@ CASES = {
 }
 
 
-def inputs(case: Case, seed: int = 0) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+def inputs(case: Case, seed: int = 0) -> tuple[list[Tensor], Tensor, Tensor]:
     """Feature maps (N, C, H/s, W/s) per level, (K, 5) RoIs, and the output gradient."""
     g = torch.Generator().manual_seed(seed)
     feats = [
@@ -75,7 +75,7 @@ def inputs(case: Case, seed: int = 0) -> tuple[list[Tensor], Tensor, list[Tensor
     index = torch.randint(0, case.batch, (k, 1), generator=g).float()
     rois = torch.cat([index, lo, hi], dim=1)
     grad = torch.randn(len(SCALES), k, case.channels, case.output, case.output, generator=g)
-    return feats, rois, [grad]
+    return feats, rois, grad
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ METHODS = ("torchvision", "sparse, a.t()", "sparse")
 
 def measure(case: Case, reps: int) -> dict[str, Any]:
     """Median seconds per method (interleaved reps after one warm-up each) and agreement."""
-    feats, rois, (grad,) = inputs(case)
+    feats, rois, grad = inputs(case)
     results = {m: run(m, case, feats, rois, grad) for m in METHODS}  # warm-up + agreement
     ref_out, ref_grads = results["torchvision"]
     diff = max(
