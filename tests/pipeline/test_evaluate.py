@@ -479,6 +479,9 @@ def _dist_worker(rank: int, port: int, shard_dir: str, out_dir: str) -> None:
         gt_arg = gt if rank == 0 else None
         seen["evaluate"] = evaluate(model, batches, gt_arg, _label_maps(gt)[1], "cpu")
         seen["perfect"] = coco_evaluate(gt, _gt_results(gt)) if rank == 0 else None
+        # Tear down together: a rank that destroyed its group and exited while the other was
+        # still scoring aborted at exit in gloo ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:
         seen["error"] = traceback.format_exc()
     finally:
