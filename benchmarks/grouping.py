@@ -117,8 +117,9 @@ def step_times(
     step(plain[0])  # warm-up
     times: dict[str, list[float]] = {"plain": [], "grouped": []}
     for k in range(steps):
-        times["plain"].append(step(plain[k % len(plain)]) / len(plain[k % len(plain)][0]))
-        times["grouped"].append(step(grouped[k % len(grouped)]) / len(grouped[k % len(grouped)][0]))
+        for name, bs in (("plain", plain), ("grouped", grouped)):
+            batch = bs[k % len(bs)]
+            times[name].append(step(batch) / len(batch[0]))  # per image
     return {name: statistics.mean(ts) for name, ts in times.items()}
 
 
