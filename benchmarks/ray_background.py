@@ -4,7 +4,7 @@ During `panet train` the train worker shares the machine with Ray's own processe
 GCS, dashboard, and one process per actor (Train's controller and helpers, Ray Data's split
 coordinator and stats actor, ...). Every Ray worker process, busy or not, wakes its main thread
 every 10 ms to check for signals (Ray's core worker; not configurable), and a 2-thread step
-waits for whichever thread was descheduled. This times `tiny` train steps (2 threads, batch 4,
+presumably waits for whichever thread was descheduled. This times `tiny` train steps (2 threads, batch 4,
 the demo's augmented and grouped batches, cycled) in one process under three conditions,
 rotated in windows so that every condition sees the same machine drift:
 
