@@ -32,6 +32,7 @@ class DataSection:
     decode_cpus: float = 1.0  # logical CPUs per Ray Data decode task
     decode_concurrency: int = 0  # most decode tasks at a time, 0 = as many as the CPUs allow
     group_window: int = 8  # steps whose images are regrouped by orientation and size (1: off)
+    preserve_order: bool = True  # each rank reads the same records in the same order every run
 
 
 @dataclass(frozen=True)

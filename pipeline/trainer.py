@@ -268,7 +268,9 @@ def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) ->
             worker_runtime_env=worker_env(),
         ),
         datasets=datasets,
-        dataset_config=ReaderDataConfig(eval_datasets=("eval",)),
+        dataset_config=ReaderDataConfig(
+            eval_datasets=("eval",), preserve_order=job.data.preserve_order
+        ),
     )
 
 
@@ -408,7 +410,7 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
             name=f"eval-{os.getpid()}", storage_path=str(storage), worker_runtime_env=worker_env()
         ),
         datasets={"eval": build_eval_dataset(data, **decode_options(state["config"]))},
-        dataset_config=ReaderDataConfig(eval_datasets=("eval",)),
+        dataset_config=ReaderDataConfig(eval_datasets=("eval",), preserve_order=True),
     )
     trainer.fit()
     return {k: float(v) for k, v in json.loads(metrics_path.read_text()).items()}

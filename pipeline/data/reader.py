@@ -27,6 +27,9 @@ reproducible whatever Ray Data's block and batch boundaries. If one Dataset obje
 several times (Ray Train keeps the dataset it was given and re-executes it every epoch), the
 effective epoch is `epoch + execution index` of that Dataset, so each pass is shuffled and
 augmented anew, and `build_train_dataset(epoch=k)` reproduces the k-th pass of `epoch=0`.
+Which records a rank gets, and in which order, also depends on which decode task finishes
+first, unless the datasets run with Ray Data's `preserve_order` (`ReaderDataConfig`,
+`data.preserve_order`): then a rank's stream is the same on every run.
 
 Pass start-up. Every epoch and every evaluation is a new execution, so what an execution
 starts with is paid each time: the Parquet files are read with Ray Data's V1 reader
@@ -243,20 +246,37 @@ def build_eval_dataset(
 
 
 class ReaderDataConfig(DataConfig):
-    """`DataConfig` that splits eval datasets without dropping rows.
+    """`DataConfig` that splits eval datasets without dropping rows, optionally in order.
 
     Ray Train's default splits every dataset with `streaming_split(n, equal=True)`, which drops
     up to n - 1 rows: right for training (equal steps), wrong for evaluation. Datasets named in
     `eval_datasets` get `streaming_split(n, equal=False)` instead: every row reaches exactly one
     worker. Pass it as `TorchTrainer(..., dataset_config=ReaderDataConfig())`.
+
+    With `preserve_order`, every dataset runs with Ray Data's `preserve_order`: blocks leave
+    each operator in input order whichever task finishes first, and the splitter hands them to
+    ranks by that order alone (locality hints are ignored), so each rank receives the same
+    records in the same order on every run with the same seed (module docstring, "Shuffling").
     """
 
-    def __init__(self, eval_datasets: Sequence[str] = ("eval",), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        eval_datasets: Sequence[str] = ("eval",),
+        *,
+        preserve_order: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """
         Args:
             eval_datasets: names (keys of the trainer's `datasets`) split with equal=False.
+            preserve_order: run every dataset in order (reproducible per-rank streams); ignored
+                if `execution_options` is given.
             **kwargs: `DataConfig` arguments.
         """
+        if preserve_order and kwargs.get("execution_options") is None:
+            options = DataConfig.default_ingest_options()
+            options.preserve_order = True
+            kwargs["execution_options"] = options
         super().__init__(**kwargs)
         self._eval_datasets = frozenset(eval_datasets)
 

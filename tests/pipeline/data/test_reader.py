@@ -470,6 +470,39 @@ def test_eval_split_covers_every_image_exactly_once(ray_local, tmp_path):
     assert sum(s.skipped_corrupt for _, s in results) == 1
 
 
+def _jitter(table: pa.Table) -> pa.Table:
+    """Hold a block 0-0.3 s at random: decode tasks finish in another order every run."""
+    import random
+    import time
+
+    time.sleep(0.3 * random.random())
+    return table
+
+
+@pytest.mark.ray
+def test_preserve_order_gives_each_rank_the_same_stream_every_run(ray_local, tmp_path):
+    from pipeline.data.reader import ReaderDataConfig, build_train_dataset
+
+    shards = [[record(8 * k + i) for i in range(1, 9)] for k in range(8)]  # 64 rows, 4 blocks
+    shard_dir = str(write_shard_dir(tmp_path / "order", shards))
+
+    def streams(preserve_order: bool) -> list:
+        ds = build_train_dataset(shard_dir, AUG, seed=3, concurrency=4)
+        ds = ds.map_batches(_jitter, batch_format="pyarrow", batch_size=4)  # 16 tasks
+        config = ReaderDataConfig(preserve_order=preserve_order)
+        parts = config.configure({"train": ds}, 2, None, None)
+        return run_ranks(
+            lambda it: [(r["image_id"], r["height"], r["flipped"]) for r in it.iter_rows()],
+            [p["train"] for p in parts],
+        )
+
+    first = streams(True)
+    assert sorted(i for rank in first for i, _, _ in rank) == list(range(1, 65))
+    assert [len(rank) for rank in first] == [32, 32]
+    # Without preserve_order, 16 jittered tasks give the same streams twice by chance only.
+    assert streams(True) == first
+
+
 @pytest.mark.ray
 def test_file_shuffle_differs_per_epoch_and_reproduces_by_seed(ray_local, tmp_path):
     from pipeline.data.reader import build_train_dataset
