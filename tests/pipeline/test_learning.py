@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 # 0.545 / 0.563 at lr 0.003, over 700 steps 0.510 / 0.532 (lr 0.002), 0.536 / 0.554 (lr 0.003),
 # 0.530 / 0.547 (lr 0.004) (`benchmarks/recipes.py`, README). This test ended 650 steps at bbox
 # 0.514-0.548 while the batches followed Ray Data's task timing; with `data.preserve_order`
-# (the default) it trains on the same batches every run, and ended twice at 0.526 / 0.552 on
-# the session-11 host (README, "What the tiny preset learns").
+# (the default) it trains on the same batches every run, and ended three times at 0.526 /
+# 0.552 on the session-11 host (README, "What the tiny preset learns").
 MIN_SEGM_AP, MIN_BBOX_AP = 0.5, 0.5
 STEPS = 650
 

@@ -486,21 +486,20 @@ def test_preserve_order_gives_each_rank_the_same_stream_every_run(ray_local, tmp
     shards = [[record(8 * k + i) for i in range(1, 9)] for k in range(8)]  # 64 rows, 4 blocks
     shard_dir = str(write_shard_dir(tmp_path / "order", shards))
 
-    def streams(preserve_order: bool) -> list:
+    def streams() -> list:
         ds = build_train_dataset(shard_dir, AUG, seed=3, concurrency=4)
         ds = ds.map_batches(_jitter, batch_format="pyarrow", batch_size=4)  # 16 tasks
-        config = ReaderDataConfig(preserve_order=preserve_order)
-        parts = config.configure({"train": ds}, 2, None, None)
+        parts = ReaderDataConfig(preserve_order=True).configure({"train": ds}, 2, None, None)
         return run_ranks(
             lambda it: [(r["image_id"], r["height"], r["flipped"]) for r in it.iter_rows()],
             [p["train"] for p in parts],
         )
 
-    first = streams(True)
+    first = streams()
     assert sorted(i for rank in first for i, _, _ in rank) == list(range(1, 65))
     assert [len(rank) for rank in first] == [32, 32]
     # Without preserve_order, 16 jittered tasks give the same streams twice by chance only.
-    assert streams(True) == first
+    assert streams() == first
 
 
 @pytest.mark.ray
