@@ -79,9 +79,9 @@ def run_recipe(
     from pipeline.data.shards import iter_records, load_manifest
     from pipeline.demo import CONFIG
     from pipeline.evaluate import coco_evaluate, coco_ground_truth, evaluate_model
-    from pipeline.solver import build_optimizer, build_scheduler
-    from pipeline.train_loop import train_step
-    from pipeline.trainer import use_worker_onednn_cache
+    from pipeline.train.driver import use_worker_onednn_cache
+    from pipeline.train.loop import train_step
+    from pipeline.train.solver import build_optimizer, build_scheduler
 
     torch.set_num_threads(threads)
     use_worker_onednn_cache()  # as a Ray worker (trainer.worker_env)

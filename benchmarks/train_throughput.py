@@ -54,9 +54,9 @@ def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> float:
     from panet_model import build_panet
     from pipeline.data.reader import label_map
     from pipeline.data.shards import load_manifest
-    from pipeline.solver import build_optimizer, build_scheduler
-    from pipeline.train_loop import train_step
-    from pipeline.trainer import use_worker_onednn_cache
+    from pipeline.train.driver import use_worker_onednn_cache
+    from pipeline.train.loop import train_step
+    from pipeline.train.solver import build_optimizer, build_scheduler
 
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))  # as a Ray worker
     use_worker_onednn_cache()  # as a Ray worker (trainer.worker_env)
@@ -112,7 +112,7 @@ def ray_run(
     """Run the real training job; read its steady-state throughput back from MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.trainer import run_training
+    from pipeline.train.driver import run_training
 
     job = job_config(shards, storage, workers, batch, steps, log_every)
     result = run_training(job)

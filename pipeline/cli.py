@@ -58,14 +58,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         job = load_job_config(args.config, parse_set(args.set))
         if args.dry_run:
-            from pipeline.trainer import preflight
+            from pipeline.train.driver import preflight
 
             plan = preflight(job)
             print(
                 f"config and data OK: {plan.train_rows} training images, {plan.steps_per_epoch} steps/epoch"
             )
             return 0
-        from pipeline.trainer import run_training
+        from pipeline.train.driver import run_training
 
         result = run_training(job)
     except (ValueError, FileNotFoundError) as err:
@@ -76,8 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def print_summary(result: dict) -> None:
-    from pipeline import tracking
     from pipeline.evaluate import format_metrics
+    from pipeline.tracking import runs as tracking
 
     print("\nCOCO metrics of the last evaluation:")
     print(format_metrics(result["metrics"]))
@@ -91,7 +91,7 @@ def print_summary(result: dict) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import format_metrics
-    from pipeline.trainer import run_eval
+    from pipeline.train.driver import run_eval
 
     try:
         metrics = run_eval(args.checkpoint, args.data, args.workers, args.batch_size)

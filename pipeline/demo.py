@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_shards(root / "raw", root / "shards", "val", VAL_IMAGES, VAL_SEED)
 
     from pipeline.cli import print_summary
-    from pipeline.trainer import run_training
+    from pipeline.train.driver import run_training
 
     result = run_training(job)
     print_summary(result)

@@ -98,9 +98,9 @@ def test_flat_has_model_keys() -> None:
 def test_resuming_a_job_of_another_model_fails_before_ray(tmp_path: Path) -> None:
     """A job directory whose checkpoint no longer fits the model is named, with what changed."""
     from panet_model import build_panet
-    from pipeline.checkpointing import save_state
     from pipeline.demo import ensure_shards
-    from pipeline.trainer import preflight
+    from pipeline.train.checkpoints import save_state
+    from pipeline.train.driver import preflight
 
     shards = {
         s: ensure_shards(tmp_path / "raw", tmp_path / "shards", s, 4, i)
@@ -129,8 +129,8 @@ def test_a_finished_job_is_answered_from_its_run_directory(
     import json
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from pipeline import tracking
-    from pipeline.trainer import finished_result
+    from pipeline.tracking import runs as tracking
+    from pipeline.train.driver import finished_result
 
     def job_with(**sets):
         return load_job_config(CONFIG, {"checkpoint.storage_path": str(tmp_path), **sets})
@@ -160,7 +160,7 @@ def test_a_finished_job_is_answered_from_its_run_directory(
 
 
 def test_decode_options_come_from_the_resolved_config() -> None:
-    from pipeline.trainer import decode_options
+    from pipeline.train.driver import decode_options
 
     job = load_job_config(
         REPO / "jobs/configs/tiny_synth.yaml", {"data.train": "a", "data.val": "b"}
@@ -175,7 +175,7 @@ def test_decode_options_come_from_the_resolved_config() -> None:
 
 
 def test_worker_env_sizes_the_onednn_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.trainer import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, worker_env
+    from pipeline.train.driver import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, worker_env
 
     monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
     env = worker_env()["env_vars"]

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from panet_model.diagnostics import level_share
-from pipeline import tracking
+from pipeline.tracking import runs as tracking
 
 
 def read_samples(shard_dir: str, count: int, label_of: dict[int, int]) -> list[dict[str, Any]]:
@@ -74,7 +74,7 @@ def log_prediction_pictures(
     model: nn.Module, ctx: dict[str, Any], step: int, device: torch.device
 ) -> None:
     """Draw and log the prediction picture and, under AFP max fusion, the level-share chart."""
-    from pipeline.pictures import level_share_figure, prediction_figure
+    from pipeline.tracking.pictures import level_share_figure, prediction_figure
 
     job = ctx["job"]
     if job.eval.pictures <= 0:

@@ -20,15 +20,15 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
 from pipeline.config import load_job_config
 from pipeline.demo import ensure_shards
-from pipeline.trainer import run_training
+from pipeline.tracking import runs as tracking
+from pipeline.train.driver import run_training
 from tests.mlflow_server import mlflow_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
 
 

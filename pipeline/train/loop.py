@@ -21,11 +21,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from panet_model import build_panet
-from pipeline import tracking
-from pipeline.checkpointing import load_state, rng_state, save_state, set_rng_state
 from pipeline.config import JobConfig
 from pipeline.data.reader import ReaderStats, iter_eval_batches, iter_train_batches
-from pipeline.solver import build_optimizer, build_scheduler
+from pipeline.tracking import runs as tracking
+from pipeline.train.checkpoints import load_state, rng_state, save_state, set_rng_state
+from pipeline.train.solver import build_optimizer, build_scheduler
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -137,7 +137,7 @@ def evaluate_now(
 
 def log_pictures(model: nn.Module, ctx: dict[str, Any], step: int, device: torch.device) -> None:
     """Rank 0: predictions beside ground truth, and paper Figure 3 when AFP fuses with max."""
-    from pipeline.samples import log_prediction_pictures
+    from pipeline.tracking.samples import log_prediction_pictures
 
     try:
         log_prediction_pictures(model, ctx, step, device)

@@ -22,7 +22,7 @@ from pipeline.cli import main as cli_main
 from pipeline.config import load_job_config
 from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, VAL_IMAGES, VAL_SEED, ensure_shards
 from pipeline.evaluate import IOU_TYPES, METRIC_NAMES
-from pipeline.trainer import run_training
+from pipeline.train.driver import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -60,7 +60,7 @@ def test_tiny_learns_the_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFix
             "scaling.num_workers": 1,
             "scaling.cpus_per_worker": 2,
             "eval.every_steps": 0,  # only at the end
-            "checkpoint.every_steps": STEPS,  # only at the end (tests/pipeline/test_train.py)
+            "checkpoint.every_steps": STEPS,  # only at the end (tests/pipeline/train/test_driver.py)
             "eval.pictures": 0,
             "tracking.log_model": False,
         },

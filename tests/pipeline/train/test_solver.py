@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.config import load_job_config
-from pipeline.solver import build_optimizer, build_scheduler, lr_factor, param_groups
+from pipeline.train.solver import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def job(**sets):

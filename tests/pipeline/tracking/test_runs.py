@@ -23,7 +23,7 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from pipeline import tracking
+from pipeline.tracking import runs as tracking
 from tests.mlflow_server import free_port, mlflow_server
 
 

@@ -95,7 +95,7 @@ def preflight(job: JobConfig) -> Plan:
 
 def check_resume(job: JobConfig, num_classes: int) -> None:
     """A job name that resumes must still fit its checkpoint (`check_resumable`)."""
-    from pipeline.checkpointing import check_resumable, latest_state_file
+    from pipeline.train.checkpoints import check_resumable, latest_state_file
 
     path = latest_state_file(job.run_dir)
     if path is None:
@@ -153,7 +153,7 @@ def check_resources(job: JobConfig) -> None:
 
 
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str:
@@ -194,7 +194,7 @@ def open_run(job: JobConfig, plan: Plan) -> tuple[str, str]:
     Returns:
         (tracking_uri, run_id)
     """
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     job.run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
@@ -229,7 +229,7 @@ def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) ->
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
-    from pipeline.train_loop import train_loop_per_worker
+    from pipeline.train.loop import train_loop_per_worker
 
     aug = job.augment()
     decode = decode_options(job.to_dict())
@@ -281,7 +281,7 @@ def run_training(job: JobConfig) -> dict[str, Any]:
         {"metrics": the 12 COCO metrics of the last evaluation, "tracking_uri", "run_id",
         "checkpoint": path of the latest checkpoint}.
     """
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     plan = preflight(job)
     done = finished_result(job)
@@ -324,8 +324,8 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
     (`metrics.json` beside `state.pt`) and its MLflow run (`mlflow_run.json`) are the answer.
     None when the job is new, unfinished, or now logs to another tracking URI.
     """
-    from pipeline import tracking
-    from pipeline.checkpointing import latest_state_file
+    from pipeline.tracking import runs as tracking
+    from pipeline.train.checkpoints import latest_state_file
 
     path = latest_state_file(job.run_dir)
     if path is None:
@@ -375,10 +375,10 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.checkpointing import load_state
     from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, inverse_label_map
     from pipeline.data.shards import load_manifest
-    from pipeline.train_loop import eval_loop_per_worker
+    from pipeline.train.checkpoints import load_state
+    from pipeline.train.loop import eval_loop_per_worker
 
     state = load_state(checkpoint)  # fails here, naming the file, before Ray starts
     manifest = load_manifest(data)

@@ -1,4 +1,4 @@
-"""Tests for `pipeline.pictures`: files, sizes, and that what should be drawn is drawn.
+"""Tests for `pipeline.tracking.pictures`: files, sizes, and that what should be drawn is drawn.
 
 Images are uniform gray, so any saturated pixel in a panel was drawn there: a mask overlay, its
 outline, a box or a label background (titles and the "nothing to show" note are gray levels).
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.pictures import (
+from pipeline.tracking.pictures import (
     MARGIN,
     PANEL_WIDTH,
     TITLE_HEIGHT,

@@ -1,0 +1,1 @@
+"""MLflow: runs, params, metrics, pictures and models."""

@@ -1,0 +1,1 @@
+"""Training: the driver (checks, Ray, `build_trainer`), the worker loop, the solver, checkpoints."""
