@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 MB = 2**20
@@ -902,6 +904,7 @@ def main() -> None:
     if args.r50_steps is not None:
         s = Settings(**{**s.__dict__, "r50_steps": args.r50_steps})
     cpus = os.cpu_count() or 1
+    machine = print_machine()
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="panet-bench-"))
     try:
@@ -909,6 +912,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine
     print(f"\n(total {result['elapsed_s']:.0f} s)")
     print(json.dumps(result))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 
 WINDOWS = (1, 2, 4, 8, 16)
 SIZE_DIVISIBLE = 32  # torchvision's GeneralizedRCNNTransform pads to a multiple of this
@@ -132,6 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     n_images = args.images or (256 if args.quick else 512)
     steps = args.steps or (8 if args.quick else 24)
+    machine = print_machine()
 
     from pipeline.config import load_job_config
     from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, ensure_shards
@@ -171,6 +173,7 @@ def main() -> None:
                 "step_time_ratio_grouped_vs_ungrouped": round(ratio, 4),
                 "images": len(rows),
                 "steps": steps,
+                "machine": machine,
             }
         )
     )

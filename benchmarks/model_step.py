@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
@@ -121,22 +122,6 @@ class PeakRSS:
     @property
     def mb(self) -> float:
         return (self.peak - self.base) / 2**20
-
-
-def matmul_peak_flops(seconds: float = 2.0) -> float:
-    """Measured fp32 matmul throughput (FLOP/s) with all intra-op threads."""
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t0))
-    return best
 
 
 def torchvision_model(short: int, long: int) -> torch.nn.Module:
@@ -378,8 +363,8 @@ def main() -> None:
         parser.error(f"--only: unknown row(s) {sorted(only - known)}; rows are {sorted(known)}")
     reps = args.reps or (1 if args.quick else 3)
     torch.set_num_threads(os.cpu_count() or 1)
-    peak = matmul_peak_flops(1.0 if args.quick else 3.0)
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    machine = print_machine(1.0 if args.quick else 3.0)
+    peak = machine["matmul_gflops"] * 1e9
 
     r50 = r50_rows(args.quick, only)
     t0 = time.perf_counter()
@@ -427,6 +412,7 @@ def main() -> None:
     result["tiny_train_s"] = round(tiny[1].train_time, 3)
     result["tiny_infer_s"] = round(tiny[1].infer_time, 3)
     result["tiny_train_images_per_s"] = round(2 / tiny[1].train_time, 2)
+    result["machine"] = machine
     print(json.dumps(result))
 
 

@@ -103,10 +103,12 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from grouping import augmented_rows, batches, make_step
+    from machine import print_machine
 
     from pipeline.config import load_job_config
     from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, ensure_shards
 
+    machine = print_machine()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         shards = ensure_shards(
@@ -166,6 +168,7 @@ def main() -> None:
                 "actors": args.actors,
                 "rounds": rounds,
                 "steps": steps,
+                "machine": machine,
             }
         )
     )

@@ -14,7 +14,7 @@ Ray's start-up it turns a recipe question into minutes, not a job per point.
 
 `--jobs 2` trains two recipes at a time, one thread each (the same total work on 2 cores; the
 AP does not depend on it, only the wall time). The last line is one JSON object:
-{recipe: {step: [bbox AP, segm AP]}}.
+{recipe: {step: [bbox AP, segm AP]}, "machine": {...}}.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from grouping import Rows  # benchmarks/ is on sys.path when run as a script
+from machine import print_machine
 
 DEFAULT_RECIPES = (
     ["sgd", "solver.optimizer=sgd", "solver.base_lr=0.02"],
@@ -146,13 +147,14 @@ def main() -> None:
 
     recipes = {}
     for name, *sets in args.recipe or DEFAULT_RECIPES:
-        if name in recipes or "=" in name:
+        if name in recipes or "=" in name or name == "machine":
             parser.error(f"--recipe {name!r}: give each recipe a new name, then key=value items")
         try:  # a bad key fails here, before any training
             recipes[name] = parse_set(sets)
             load_job_config(CONFIG, {"data.train": ".", "data.val": ".", **recipes[name]})
         except ValueError as err:
             parser.error(f"--recipe {name}: {err}")
+    machine = print_machine()
     t0 = time.perf_counter()
     root = args.root
     shards = {
@@ -176,7 +178,7 @@ def main() -> None:
     print(
         f"\n{time.perf_counter() - t0:.0f} s, {args.jobs} recipe(s) at a time, {threads} thread(s)"
     )
-    print(json.dumps({name: r["curve"] for name, r in out.items()}))
+    print(json.dumps({**{name: r["curve"] for name, r in out.items()}, "machine": machine}))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,17 @@
 """AFP's multi-level RoIAlign on CPU: torchvision's kernel vs the sparse path, forward + backward.
 
 AFP pools every RoI on all four FPN levels (`panet_model/roi_align.py`). This times one
-forward and one backward of that pooling at the shapes of a training step, three ways,
-interleaved so that all see the same machine load:
+forward and one backward of that pooling at the shapes of a training step, two ways,
+interleaved so that both see the same machine load:
 
 1. `torchvision`: `torchvision.ops.roi_align` per level, stacked (its CPU backward recomputes
    the bilinear weights per channel);
-2. `sparse, a.t()`: the sparse product with the backward of sessions 6-8, `torch.mm(a.t(), g)`
-   (a CSC view that `torch.mm` converts to CSR first);
-3. `sparse`: the current path, whose backward builds A^T by one sort (`transposed`).
+2. `sparse`: the project's path, one sparse-dense product per level and pass
+   (`panet_model/roi_align.py`), the one AFP uses on CPU.
 
 Cases: `tiny` (the learning test's step: batch 4 at 256 px, 32 channels, 64 box RoIs and 16
 mask RoIs an image) and `panet` (R-50: batch 2 at 800 x 1216 px, 256 channels, 512 box RoIs
-and 128 mask RoIs an image). Outputs and gradients of the three are compared.
+and 128 mask RoIs an image). Outputs and gradients of the two are compared.
 
     python benchmarks/roi_align.py [--reps N] [--threads T] [--only tiny|panet]
 
@@ -22,15 +21,15 @@ The last line is one JSON object with the medians and ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 from torch import Tensor
 
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -78,19 +77,6 @@ def inputs(case: Case, seed: int = 0) -> tuple[list[Tensor], Tensor, Tensor]:
     return feats, rois, grad
 
 
-@contextlib.contextmanager
-def former_backward() -> Iterator[None]:
-    """The backward before session 9: `torch.mm(a.t(), g)` on the CSC view."""
-    import panet_model.roi_align as ra
-
-    current = ra.transposed
-    ra.transposed = lambda a: a.t()
-    try:
-        yield
-    finally:
-        ra.transposed = current
-
-
 def run(method: str, case: Case, feats: list[Tensor], rois: Tensor, grad: Tensor) -> Any:
     """One forward + backward; returns (output, feature gradients)."""
     from torchvision.ops import roi_align
@@ -99,14 +85,12 @@ def run(method: str, case: Case, feats: list[Tensor], rois: Tensor, grad: Tensor
 
     leaves = [f.detach().requires_grad_() for f in feats]
     size = (case.output, case.output)
-    ctx = former_backward() if method == "sparse, a.t()" else contextlib.nullcontext()
-    with ctx:
-        if method == "torchvision":
-            pooled = [roi_align(f, rois, size, s, SAMPLING) for f, s in zip(leaves, SCALES)]
-            out = torch.stack(pooled)  # L x (K, C, PH, PW) -> (L, K, C, PH, PW)
-        else:
-            out = multilevel_roi_align(leaves, rois, size, SCALES, SAMPLING)
-        grads = torch.autograd.grad(out, leaves, grad)
+    if method == "torchvision":
+        pooled = [roi_align(f, rois, size, s, SAMPLING) for f, s in zip(leaves, SCALES)]
+        out = torch.stack(pooled)  # L x (K, C, PH, PW) -> (L, K, C, PH, PW)
+    else:
+        out = multilevel_roi_align(leaves, rois, size, SCALES, SAMPLING)
+    grads = torch.autograd.grad(out, leaves, grad)
     return out.detach(), grads
 
 
@@ -116,7 +100,7 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-METHODS = ("torchvision", "sparse, a.t()", "sparse")
+METHODS = ("torchvision", "sparse")
 
 
 def measure(case: Case, reps: int) -> dict[str, Any]:
@@ -144,6 +128,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(CASES), default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    machine = print_machine()
     rows = []
     for key, cases in CASES.items():
         if args.only in (None, key):
@@ -167,12 +152,11 @@ def main() -> None:
             "torchvision_over_sparse": round(
                 r["seconds"]["torchvision"] / r["seconds"]["sparse"], 3
             ),
-            "former_over_sparse": round(r["seconds"]["sparse, a.t()"] / r["seconds"]["sparse"], 3),
             "max_abs_diff": r["max_abs_diff"],
         }
         for r in rows
     }
-    print(json.dumps({"threads": args.threads, "reps": args.reps, **summary}))
+    print(json.dumps({"threads": args.threads, "reps": args.reps, **summary, "machine": machine}))
 
 
 if __name__ == "__main__":
