@@ -45,11 +45,16 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _local_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of (N, C, *), N > 0.
+    """Per-channel mean and biased variance of (N, C, *), N > 0, in the compute dtype.
 
-    On CPU, ATen's batch-norm statistics kernel (float64 accumulation) is ~5x faster than
-    `var_mean` over dims (0, 2, 3); elsewhere `var_mean` (Welford on CUDA).
+    ATen's batch-norm statistics kernel: on CPU (float64 accumulation) ~5x faster than
+    `var_mean` over dims (0, 2, 3); on CUDA the fused Welford kernel, which reads half/bfloat16
+    input directly and returns float32 statistics (no float32 copy of the activations).
+    Elsewhere `var_mean` on a copy in the compute dtype.
     """
+    if x.device.type == "cuda":
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    x = x.to(_compute_dtype(x))
     if x.device.type == "cpu":
         return torch.batch_norm_update_stats(x, None, None, 0.0)
     var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
@@ -73,7 +78,7 @@ def _global_batch_stats(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, 
         # Two-pass / Welford local statistics (see _local_stats) avoid the cancellation of a
         # naive float32 sum of squares; packing n * mean and n * (var + mean^2) in float64
         # makes the cross-rank combination exact up to float64 rounding.
-        mean, var = _local_stats(x.to(_compute_dtype(x)))
+        mean, var = _local_stats(x)
         mean, var = mean.double(), var.double()
         local_sum, local_sqsum = mean * n_local, (var + mean * mean) * n_local
     else:
@@ -90,12 +95,28 @@ def _global_batch_stats(x: Tensor, group: ProcessGroup | None) -> tuple[Tensor, 
     return mean, var, total
 
 
+def _fused(x: Tensor) -> bool:
+    """CUDA: ATen's SyncBatchNorm kernels, which keep half/bfloat16 activations as they are."""
+    return x.device.type == "cuda"
+
+
+def _dense(x: Tensor) -> Tensor:
+    """`x` in a layout the fused CUDA kernels take (as torch's SyncBatchNorm does)."""
+    if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous(
+        memory_format=torch.channels_last_3d
+    ):
+        return x
+    return x.contiguous()
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Normalize with given global statistics; the backward all-reduces the input-grad terms.
 
-    Both passes run ATen's fused batch-norm kernels in inference form (global mean/var as the
-    "running" statistics), so the only extra work over plain batch norm is one elementwise
-    correction in the backward pass.
+    On CUDA the passes run the kernels of `torch.nn.SyncBatchNorm` (`batch_norm_elemt`,
+    `batch_norm_backward_reduce`, `batch_norm_backward_elemt`): they read half/bfloat16
+    activations and accumulate in float32 without a float32 copy of the input or the
+    gradient. Elsewhere both passes run ATen's batch-norm kernels in inference form (global
+    mean/var as the "running" statistics), plus one elementwise correction in the backward.
     """
 
     @staticmethod
@@ -111,8 +132,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         group: ProcessGroup | None,
     ) -> Tensor:
         """(N, C, *) -> (N, C, *) in `x`'s dtype; mean/var (C,) in the compute dtype."""
+        if _fused(x):
+            x = _dense(x)
         if x.numel() == 0:  # ATen's CPU kernels divide by zero on an empty batch
             out = x.clone()
+        elif _fused(x):
+            out = torch.batch_norm_elemt(x, weight, bias, mean, torch.rsqrt(var + eps), eps)
         else:
             out = torch.batch_norm(
                 x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
@@ -125,8 +150,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, var, count = ctx.saved_tensors
+        if _fused(x):
+            return _fused_backward(ctx, grad_out, x, weight, mean, var, count)
         cdt, shape = mean.dtype, _channel_shape(x)
         c = mean.numel()
+        invstd = torch.rsqrt(var + ctx.eps)
         # Inference-form backward: dy * weight * invstd, and this rank's sum(dy * xhat) and
         # sum(dy) (zeros for an empty local batch, which still joins the collective).
         if x.numel() == 0:
@@ -136,8 +164,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 mean.new_zeros(c),
             )
         else:
+            # save_mean/save_invstd given: a device whose kernel reads them (CUDA does for 2-D
+            # input) must not meet undefined tensors; the inference-form kernels ignore them.
             grad_local, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_out.contiguous(), x, weight, mean, var, None, None, False, ctx.eps,
+                grad_out.contiguous(), x, weight, mean, var, mean, invstd, False, ctx.eps,
                 [True, True, True],
             )  # fmt: skip
         # Always all-reduce, even when this rank's input needs no grad: skipping it on one
@@ -146,7 +176,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(packed, group=ctx.group)
         n = count.clamp(min=1).to(cdt)
         mean_dy, mean_dy_xhat = packed[:c] / n, packed[c:] / n
-        invstd = torch.rsqrt(var + ctx.eps)
         scale = invstd if weight is None else invstd * weight.to(cdt)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -162,6 +191,45 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         grad_w = sum_dy_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None  # affine: both
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _fused_backward(
+    ctx: Any,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """The CUDA backward with ATen's SyncBatchNorm kernels; one all-reduce of 2C values."""
+    c = mean.numel()
+    invstd = torch.rsqrt(var + ctx.eps)
+    if x.numel() == 0:
+        sum_dy, sum_dy_xmu = mean.new_zeros(c), mean.new_zeros(c)
+    else:
+        grad_out = _dense(grad_out)
+        # This rank's sum(dy) and sum(dy * (x - mean)), accumulated in float32 or wider.
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(
+            grad_out, x, mean, invstd, weight, True, False, False
+        )
+    # (2C,); every rank joins, also an empty one or one whose input needs no grad.
+    packed = torch.cat([sum_dy, sum_dy_xmu])
+    dist.all_reduce(packed, group=ctx.group)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        if x.numel() == 0:
+            grad_x = torch.zeros_like(x)
+        else:
+            w = None if weight is None else weight.to(mean.dtype)
+            total = count.to(torch.int32).reshape(1)  # the kernel divides by the sum of counts
+            grad_x = torch.batch_norm_backward_elemt(
+                grad_out, x, mean, invstd, w, packed[:c], packed[c:], total
+            )
+    # Parameter grads stay local sums, as in torch's SyncBatchNorm: DDP averages them.
+    grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    grad_b = sum_dy.to(weight.dtype) if ctx.needs_input_grad[2] else None  # affine: both
+    return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm):

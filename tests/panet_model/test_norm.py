@@ -63,6 +63,13 @@ CASES = {
 }
 
 
+# On CUDA also float16, the dtype of activations under fp16 AMP.
+CUDA_CASES = {
+    **CASES,
+    "float16": Case(sizes=(3, 5), tail=(4, 4), dtype="float16", atol=5e-3, stats_atol=1e-3),
+}
+
+
 def _param_dtype(case: Case) -> torch.dtype:
     return torch.float64 if case.dtype == "float64" else torch.float32
 
@@ -87,47 +94,58 @@ def _init_state(bn: nn.Module) -> None:
         bn.running_var.copy_(torch.rand(CHANNELS, generator=g, dtype=torch.float64) + 0.5)
 
 
-def _run_steps(bn: nn.Module, case: Case, rows: slice) -> dict[str, Any]:
-    """Train steps on rows `rows` of each step's batch; loss = sum(out * r)."""
+def _run_steps(bn: nn.Module, case: Case, rows: slice, device: str = "cpu") -> dict[str, Any]:
+    """Train steps on rows `rows` of each step's batch; loss = sum(out * r). Results on CPU."""
     steps = []
     for step in range(NUM_STEPS):
         x_full, r_full = _case_inputs(case, step)
-        x = x_full[rows].clone().requires_grad_()
+        x = x_full[rows].to(device).clone().requires_grad_()
         bn.zero_grad()
         out = bn(x)
         # An empty rank's output is in the loss too: that is what makes its backward run.
-        (out * r_full[rows]).sum().backward()
+        (out * r_full[rows].to(device)).sum().backward()
         steps.append(
             {
-                "out": out.detach(),
-                "grad_x": x.grad,
-                "grad_w": bn.weight.grad.clone(),
-                "grad_b": bn.bias.grad.clone(),
+                "out": out.detach().cpu(),
+                "grad_x": x.grad.cpu(),
+                "grad_w": bn.weight.grad.cpu(),
+                "grad_b": bn.bias.grad.cpu(),
             }
         )
-    return {"steps": steps, "state": {k: v.clone() for k, v in bn.state_dict().items()}}
+    return {"steps": steps, "state": {k: v.cpu() for k, v in bn.state_dict().items()}}
 
 
-def _sync_worker(rank: int, port: int, out_dir: str) -> None:
-    """Spawned process: run every case with SyncBatchNorm on this rank's slice, save results."""
+def _sync_worker(rank: int, port: int, out_dir: str, device: str = "cpu") -> None:
+    """Spawned process: run every case with SyncBatchNorm on this rank's slice, save results.
+
+    On "cuda" the ranks use NCCL with a GPU each where there are two, else gloo on one GPU.
+    """
     torch.set_num_threads(1)  # two processes on a 2-core box
+    backend = "gloo"
+    if device == "cuda":
+        if torch.cuda.device_count() >= WORLD_SIZE:
+            backend, device = "nccl", f"cuda:{rank}"
+        torch.cuda.set_device(torch.device(device))
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=WORLD_SIZE,
         timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S),
     )
     try:
-        results = {}
-        for name, case in CASES.items():
+        results: dict[str, Any] = {}
+        for name, case in (CUDA_CASES if device != "cpu" else CASES).items():
             group = dist.new_group(list(range(WORLD_SIZE))) if case.new_group else None
             bn = SyncBatchNorm(
                 CHANNELS, momentum=case.momentum, process_group=group, dtype=_param_dtype(case)
             )
             _init_state(bn)
             start = sum(case.sizes[:rank])
-            results[name] = _run_steps(bn, case, slice(start, start + case.sizes[rank]))
+            rows = slice(start, start + case.sizes[rank])
+            results[name] = _run_steps(bn.to(device), case, rows, device)
+        if device != "cpu":
+            results["peak_bytes"] = _cuda_peak_bytes(device)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -150,11 +168,44 @@ def _spawn(fn: Any, args: tuple, timeout: float) -> None:
             pytest.fail(f"spawned ranks did not finish within {timeout:.0f}s (deadlock?)")
 
 
+def _cuda_peak_bytes(device: str) -> dict[str, int]:
+    """Peak CUDA memory beyond what is live, for a float16 (8, 64, 32, 32) SyncBN step.
+
+    Returns {"input": bytes of the input, "forward": peak extra in the forward pass,
+    "backward": peak extra in the backward pass}.
+    """
+    bn = SyncBatchNorm(64).to(device).train()
+    x = torch.randn(8, 64, 32, 32, device=device, dtype=torch.float16).requires_grad_()
+    r = torch.randn_like(x)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = bn(x)
+    forward = torch.cuda.max_memory_allocated(device) - base
+    loss = (out * r).sum()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    loss.backward()
+    backward = torch.cuda.max_memory_allocated(device) - base
+    return {"input": x.numel() * x.element_size(), "forward": forward, "backward": backward}
+
+
 @pytest.fixture(scope="module")
 def sync_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Per-rank results of all CASES, from one spawn of WORLD_SIZE gloo processes."""
     out_dir = tmp_path_factory.mktemp("syncbn")
     _spawn(_sync_worker, (_free_port(), str(out_dir)), SPAWN_TIMEOUT_S)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def cuda_sync_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Per-rank results of all CUDA_CASES on CUDA (NCCL on 2 GPUs, else gloo on one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out_dir = tmp_path_factory.mktemp("syncbn-cuda")
+    _spawn(_sync_worker, (_free_port(), str(out_dir), "cuda"), SPAWN_TIMEOUT_S)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
@@ -187,7 +238,46 @@ def _close(actual: Tensor, expected: Tensor, atol: float) -> None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_sync_bn_matches_full_batch_bn(sync_results: list[dict[str, Any]], name: str) -> None:
+    _check_against_full_batch(sync_results, CASES[name], name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CUDA_CASES))
+def test_cuda_sync_bn_matches_full_batch_bn(
+    cuda_sync_results: list[dict[str, Any]], name: str
+) -> None:
+    """The fused CUDA path, (N, C) input included (the fc norms of the box head)."""
+    _check_against_full_batch(cuda_sync_results, CUDA_CASES[name], name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_sync_bn_matches_cpu_path(
+    cuda_sync_results: list[dict[str, Any]], sync_results: list[dict[str, Any]], name: str
+) -> None:
     case = CASES[name]
+    for cuda_rank, cpu_rank in zip(cuda_sync_results, sync_results):
+        for got, expected in zip(cuda_rank[name]["steps"], cpu_rank[name]["steps"]):
+            for key in ("out", "grad_x", "grad_w", "grad_b"):
+                _close(got[key], expected[key], max(case.atol, case.stats_atol))
+        for key in ("running_mean", "running_var"):
+            _close(cuda_rank[name]["state"][key], cpu_rank[name]["state"][key], case.stats_atol)
+
+
+@pytest.mark.cuda
+def test_cuda_sync_bn_float16_needs_no_float32_activations(
+    cuda_sync_results: list[dict[str, Any]],
+) -> None:
+    """Under fp16 AMP, a pass allocates about one activation-sized float16 tensor, no float32."""
+    for res in cuda_sync_results:
+        peak = res["peak_bytes"]
+        # forward: the output (1x); backward: dy of the loss and the input grad (2x). A float32
+        # copy of the input or of the gradient alone would be 2x.
+        assert peak["forward"] < 1.5 * peak["input"], peak
+        assert peak["backward"] < 3.5 * peak["input"], peak
+
+
+def _check_against_full_batch(sync_results: list[dict[str, Any]], case: Case, name: str) -> None:
     ref = _reference(case)
     per_rank = [sync_results[r][name] for r in range(WORLD_SIZE)]
     bounds = [0, case.sizes[0], sum(case.sizes)]
