@@ -141,7 +141,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="panet-throughput-") as tmp:
         root = Path(tmp)
-        # One epoch per run: a steady state without the epoch restart (README: ~8 s each).
+        # One epoch per run: a steady state without an epoch restart (docs/design.md).
         shards = make_shards(root, train=steps * batch, val=4)
         job = job_config(shards, root / "plain", 1, batch, steps, log_every)
         plain = plain_loop(shards, job, log_every)

@@ -255,7 +255,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "transform.skip_resize_in_training": True,
     },
     # Every PANet component, narrow and small: the CPU default for the demo and tests. Half-width
-    # ResNet-18 and 32-channel neck and heads: a train step ~2x cheaper than at width 64 (README).
+    # ResNet-18 and 32-channel neck and heads: a train step ~2x cheaper than at width 64.
     "tiny": {
         "backbone.name": "resnet18",
         "backbone.width": 32,

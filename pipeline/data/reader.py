@@ -35,7 +35,7 @@ Pass start-up. Every epoch and every evaluation is a new execution, so what an e
 starts with is paid each time: the Parquet files are read with Ray Data's V1 reader
 (`_read_parquet`), and `concurrency` caps the decode tasks, because each task beyond Ray's
 soft limit of worker processes (one per logical CPU) runs in a process started for it (~2 s of
-imports) and killed when idle, every pass (README, "Epochs").
+imports) and killed when idle, every pass (docs/design.md, "Epoch restarts").
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _read_parquet(paths: list[str], **kwargs: Any) -> Dataset:
 
     Ray 2.60's default (DataSourceV2) lists the files in one task on every execution: 6-8 s
     before the first row of each epoch and each evaluation pass, against 0.2 s for V1 on the
-    same 10 shards (README, "Epochs"). V1 also reads the files in parallel tasks.
+    same 10 shards (docs/design.md, "Epoch restarts"). V1 also reads the files in parallel tasks.
     """
     ctx = DataContext.get_current()
     default, ctx.use_datasource_v2 = ctx.use_datasource_v2, False

@@ -20,7 +20,8 @@ from pipeline.config import JobConfig
 # oneDNN (PyTorch's CPU convolutions) keeps 1,024 compiled primitives by default. Detection
 # batches vary in padded size and RoI count (a tiny run meets ~8,000 distinct primitives), so
 # that cache evicts them before they come back and re-creates ~135 every step: 3-7% of a CPU
-# step (README). Primitives are ~40 KB each; GPU runs do not use them. The driver's env wins.
+# step (docs/design.md). Primitives are ~40 KB each; GPU runs do not use them. The env of
+# the driver wins.
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 ONEDNN_CACHE_CAPACITY = 16384
 RUN_RECORD = "mlflow_run.json"  # in the job directory: the job's MLflow run id and tracking URI
