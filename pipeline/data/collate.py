@@ -16,22 +16,35 @@ from torch import Tensor
 from pipeline.data.augment import decode_rle_wh
 
 
-def image_tensor(data: bytes, height: int, width: int) -> Tensor:
-    """Raw RGB bytes to a float image.
+def image_tensor(
+    data: bytes, height: int, width: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Raw RGB bytes to an image tensor.
 
     Args:
         data: (H, W, 3) uint8 RGB, C order, as bytes.
         height, width: H, W.
+        dtype: torch.float32 for the model's input, or torch.uint8 to keep the bytes (a
+            quarter of the size to copy to a GPU; `to_float_image` converts there).
 
     Returns:
-        (3, H, W) float32 in [0, 1].
+        (3, H, W): float32 in [0, 1], or uint8 in [0, 255].
     """
     # bytearray: torch refuses to wrap read-only memory without a warning; this is one copy.
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     hwc = flat.view(height, width, 3)  # (H * W * 3,) -> (H, W, 3)
     chw = hwc.permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     # A plain `.float()` would keep the permuted (channels-last) strides; the model wants planes.
+    if dtype == torch.uint8:
+        return chw.contiguous()
     return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+def to_float_image(image: Tensor) -> Tensor:
+    """(3, H, W) uint8 in [0, 255] -> float32 in [0, 1] on the image's device; float as is."""
+    if image.dtype != torch.uint8:
+        return image
+    return image.to(torch.float32).div_(255.0)
 
 
 def decode_masks(rles: Sequence[str], height: int, width: int) -> Tensor:
@@ -68,18 +81,21 @@ def train_target(row: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def collate_train(
-    rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]], image_dtype: torch.dtype = torch.float32
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """Collate valid training rows into torchvision's `model(images, targets)` inputs.
 
     Args:
         rows: B valid rows of `augment.TRAIN_SAMPLE_SCHEMA` as dicts (sizes may differ).
+        image_dtype: as for `image_tensor`.
 
     Returns:
-        (images, targets): B float32 (3, H_i, W_i) images in [0, 1], and B target dicts as in
-        `train_target`.
+        (images, targets): B (3, H_i, W_i) images (float32 in [0, 1], or uint8), and B target
+        dicts as in `train_target`.
     """
-    images = [image_tensor(r["image"], int(r["height"]), int(r["width"])) for r in rows]
+    images = [
+        image_tensor(r["image"], int(r["height"]), int(r["width"]), image_dtype) for r in rows
+    ]
     return images, [train_target(r) for r in rows]
 
 

@@ -365,6 +365,7 @@ def iter_train_batches(
     prefetch_batches: int = 1,
     group_window: int = 1,
     seed: int | Sequence[int] = 0,
+    image_dtype: Any = None,
 ) -> Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]]:
     """Exactly `steps` training batches of exactly `local_batch_size` samples.
 
@@ -385,18 +386,22 @@ def iter_train_batches(
         prefetch_batches: Ray Data batches to prefetch.
         group_window: steps whose rows are regrouped together; 1 keeps the stream's batches.
         seed: seeds the order of the regrouped batches, e.g. (run seed, epoch, rank).
+        image_dtype: torch.float32 (None) or torch.uint8, as for `collate.image_tensor`.
 
     Yields:
-        (images, targets): `local_batch_size` float32 (3, H_i, W_i) images in [0, 1] and
-        targets {"boxes": (N, 4) float32 x1y1x2y2, "labels": (N,) int64,
+        (images, targets): `local_batch_size` (3, H_i, W_i) images, float32 in [0, 1] (or
+        uint8) and targets {"boxes": (N, 4) float32 x1y1x2y2, "labels": (N,) int64,
         "masks": (N, H_i, W_i) uint8, "image_id": () int64}.
 
     Raises:
         RuntimeError: the worker's whole stream held no valid record.
     """
     # Imported here: Ray Data workers import this module for `_augment_batch` and need no torch.
+    import torch
+
     from pipeline.data.collate import collate_train
 
+    image_dtype = torch.float32 if image_dtype is None else image_dtype
     if local_batch_size < 1 or steps < 0 or group_window < 1:
         raise ValueError(
             "need local_batch_size >= 1, steps >= 0 and group_window >= 1, got "
@@ -440,9 +445,79 @@ def iter_train_batches(
                 stats.samples += local_batch_size
                 previous = pool
                 step += 1
-                yield collate_train(valid + fill)
+                yield collate_train(valid + fill, image_dtype)
     finally:
         rows.close()  # stop Ray's prefetching for this epoch
+
+
+def in_background(
+    batches: Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]],
+    depth: int = 2,
+    pin_memory: bool = False,
+) -> Generator[tuple[list[Tensor], list[dict[str, Tensor]]], None, None]:
+    """`batches`, built in a background thread up to `depth` batches ahead of the consumer.
+
+    The thread runs the whole batch preparation (reading rows, decoding masks, collating and,
+    with `pin_memory`, copying into page-locked memory for asynchronous GPU copies), so the
+    training step does not wait for it. Batches come out in the order `batches` yields them.
+    An exception in the thread is raised in the consumer; closing this generator (or leaving
+    its loop) stops the thread and closes `batches`.
+
+    Args:
+        batches: e.g. `iter_train_batches(...)`; consumed only by the background thread.
+        depth: batches kept ready (the queue's bound).
+        pin_memory: pin every tensor of a batch (only useful with CUDA).
+
+    Yields:
+        The batches of `batches`.
+    """
+    import queue
+    import threading
+
+    if depth < 1:
+        raise ValueError(f"need depth >= 1, got {depth}")
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for images, targets in batches:
+                if pin_memory:
+                    images = [i.pin_memory() for i in images]
+                    targets = [{k: v.pin_memory() for k, v in t.items()} for t in targets]
+                if not put((images, targets)):
+                    return
+            put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            put(err)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def group_by_shape(rows: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:

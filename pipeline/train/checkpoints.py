@@ -5,6 +5,7 @@ One file, `state.pt`, in a Ray Train checkpoint directory; read back with `weigh
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def save_state(directory: Path, **state: Any) -> Path:
     return path
 
 
-def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+def load_state(path: str | Path | Any, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint written by `save_state`: a checkpoint directory or its `state.pt`.
 
     `mmap=True` maps the tensors instead of reading them (to inspect shapes cheaply).
@@ -31,13 +32,20 @@ def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     Raises:
         FileNotFoundError / ValueError: naming the path.
     """
-    p = Path(path)
+    from pipeline.storage import StoragePath, as_path
+
+    p = as_path(path)  # a local Path, or a StoragePath for s3:// / gs:// checkpoints
     if p.is_dir():
         p = p / STATE_FILE
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        if isinstance(p, StoragePath):  # read into memory: torch.load needs a seekable file
+            source: Any = io.BytesIO(p.read_bytes())
+            mmap = False
+        else:
+            source = p
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - re-raised with the path
         raise ValueError(f"checkpoint {str(p)!r} cannot be read safely: {err}") from err
     if not isinstance(state, dict) or "model" not in state:
@@ -46,22 +54,52 @@ def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Torch RNG states (CPU and every CUDA device) as tensors, safe for weights_only."""
+    """Torch RNG states, safe for weights_only: the CPU's and, on a GPU, the current device's.
+
+    Only this rank's own device: a resumed job may pack its workers onto other GPUs (or see
+    another number of them), and each rank restores into whatever device is its own then.
+    """
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s states; a CUDA state goes to this process's current device."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
-def latest_state_file(run_dir: Path) -> Path | None:
-    """The newest `step-*/state.pt` of a job directory, or None."""
-    files = sorted(Path(run_dir).glob(f"step-*/{STATE_FILE}"))
+def restore_training_state(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Load a `save_state` checkpoint into a model already on its training device.
+
+    The optimizer must have been built over the parameters on that device: its
+    `load_state_dict` moves every state tensor (momentum, `exp_avg`, ...) to its parameter's
+    device and dtype, which a later `model.to(device)` would not. A scaler state saved without
+    fp16 AMP (`{}`) leaves an enabled scaler at its initial scale, and the other way round.
+    """
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
+def latest_state_file(run_dir: Any) -> Any:
+    """The newest `step-*/state.pt` of a job directory (local or a URI), or None."""
+    from pipeline.storage import as_path
+
+    files = sorted(as_path(run_dir).glob(f"step-*/{STATE_FILE}"))
     return files[-1] if files else None
 
 

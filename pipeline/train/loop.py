@@ -22,9 +22,22 @@ from torch import Tensor, nn
 
 from panet_model import build_panet
 from pipeline.config import JobConfig
-from pipeline.data.reader import ReaderStats, iter_eval_batches, iter_train_batches
+from pipeline.data.collate import to_float_image
+from pipeline.data.reader import (
+    ReaderStats,
+    in_background,
+    iter_eval_batches,
+    iter_train_batches,
+)
 from pipeline.tracking import runs as tracking
-from pipeline.train.checkpoints import load_state, rng_state, save_state, set_rng_state
+from pipeline.train.checkpoints import (
+    load_state,
+    restore_training_state,
+    rng_state,
+    save_state,
+)
+from pipeline.train.failures import FAILED_FILE, setup_or_none
+from pipeline.train.quiet import quiet_worker
 from pipeline.train.solver import build_optimizer, build_scheduler
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,20 +45,26 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Window:
-    """Throughput and loss accumulators between two progress lines."""
+    """Throughput and loss accumulators between two progress lines.
+
+    Loss terms are summed on their device and read once per progress line: a `float()` per
+    term and step would wait for the device every step.
+    """
 
     start: float = field(default_factory=time.perf_counter)
     images: int = 0
     data_wait: float = 0.0
     steps: int = 0
-    losses: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    lr: float = math.nan  # the learning rate of the window's last step
 
     def add(self, loss_dict: dict[str, Tensor], images: int, data_wait: float) -> None:
         self.steps += 1
         self.images += images
         self.data_wait += data_wait
         for k, v in loss_dict.items():
-            self.losses[k] = self.losses.get(k, 0.0) + float(v.detach())
+            v = v.detach().to(torch.float64)
+            self.losses[k] = self.losses[k] + v if k in self.losses else v
 
 
 def world() -> tuple[int, int]:
@@ -64,9 +83,14 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is True on any rank."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_rank(flag: Tensor) -> bool:
+    """True on every rank if the boolean tensor `flag` (on the rank's device) is True on any rank.
+
+    The one host sync of a step: every rank must know before the backward pass whether all
+    ranks take it (DDP's gradient all-reduce). The detection model syncs many times per
+    forward pass anyway (proposal filtering, sampling, empty-target checks).
+    """
+    t = flag.detach().reshape(1).to(torch.float32)
     if world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
@@ -100,7 +124,7 @@ def train_step(
         loss_dict = model(images, targets)
     total = sum(loss_dict.values())
     assert isinstance(total, Tensor)
-    if any_rank(not bool(torch.isfinite(total.detach())), device):
+    if any_rank(~torch.isfinite(total.detach())):
         optimizer.zero_grad(set_to_none=True)
         return loss_dict, first_bad_term(loss_dict)
     scaler.scale(total).backward()
@@ -113,11 +137,37 @@ def train_step(
     return loss_dict, None
 
 
+def step_and_schedule(
+    model: nn.Module,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    job: JobConfig,
+    device: torch.device,
+) -> tuple[dict[str, Tensor], str | None, float]:
+    """`train_step`, then the schedule's step.
+
+    Returns:
+        (loss terms, the bad term or None, the learning rate this step used): the optimizer's
+        rate once the scheduler has stepped is the next step's.
+    """
+    lr = float(optimizer.param_groups[0]["lr"])
+    loss_dict, bad = train_step(model, images, targets, optimizer, scaler, job, device)
+    scheduler.step()
+    return loss_dict, bad, lr
+
+
 def to_device(
     images: list[Tensor], targets: list[dict[str, Tensor]], device: torch.device
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """A batch onto `device`; uint8 images become float32 in [0, 1] there.
+
+    Copies are asynchronous on CUDA (the reader pins the batch in `in_background`).
+    """
     non_blocking = device.type == "cuda"
-    images = [i.to(device, non_blocking=non_blocking) for i in images]
+    images = [to_float_image(i.to(device, non_blocking=non_blocking)) for i in images]
     targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
     return images, targets
 
@@ -159,6 +209,9 @@ def save_checkpoint(
     job: JobConfig = ctx["job"]
     # Ray keeps the best k by segm_AP (and always the latest); -1 before the first evaluation.
     report = {"step": step, "segm_AP": -1.0, "bbox_AP": -1.0, **_flat_metrics(metrics)}
+    # 1.0 when the metrics come from an evaluation at this very step (Tune compares only those).
+    report["fresh_eval"] = float(ctx.get("evaluated_at") == step)
+    report["train_loss"] = ctx.get("train_loss", math.nan)  # of the last progress line
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -187,33 +240,58 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function. `config` comes from `trainer.build_trainer`."""
-    job: JobConfig = config["job"]
-    rank, size = world()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(job.seed)
-    model = build_panet(job.model, num_classes=config["num_classes"])
+def build_training(
+    job: JobConfig, num_classes: int, device: torch.device, state: dict[str, Any] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """Model on `device`, optimizer, schedule and scaler; restored from `state` if given.
+
+    The model moves to its device before the optimizer is built and any state is loaded, so
+    every optimizer state tensor lands on its parameter's device and dtype.
+
+    Args:
+        job: the job config.
+        num_classes: categories + background.
+        device: the worker's device.
+        state: a checkpoint from `load_state`, or None for a fresh start.
+
+    Returns:
+        (model, optimizer, scheduler, scaler); the model is not DDP-wrapped yet.
+    """
+    model = build_panet(job.model, num_classes=num_classes).to(device)
     optimizer = build_optimizer(model, job)  # before DDP: groups see the plain module's names
     scheduler = build_scheduler(optimizer, job)
     scaler = torch.amp.GradScaler(
         device.type, enabled=job.solver.amp == "fp16" and device.type == "cuda"
     )
-    step, metrics = 0, {}
+    if state is not None:
+        restore_training_state(state, model, optimizer, scheduler, scaler)
+    return model, optimizer, scheduler, scaler
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function. `config` comes from `trainer.build_trainer`."""
+    job: JobConfig = config["job"]
+    rank, size = world()
+    device = ray.train.torch.get_device()
+    check_amp_support(job.solver.amp, device)
+    torch.manual_seed(job.seed)
+    state, step, metrics = None, 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_state(d)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
         step, metrics = int(state["step"]), dict(state.get("metrics", {}))
-        if rank == 0:
-            print(f"[train] resumed from the checkpoint at step {step}")
+    model, optimizer, scheduler, scaler = build_training(job, config["num_classes"], device, state)
+    if state is not None and rank == 0:
+        print(f"[train] resumed from the checkpoint at step {step}")
+    del state
     model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": False}
+        model,
+        parallel_strategy_kwargs={
+            "find_unused_parameters": False,
+            # Gradients live in DDP's buckets: no copy in and out of them at every step.
+            "gradient_as_bucket_view": True,
+        },
     )
     ctx = dict(config, job=job, gt=None)
     if rank == 0:
@@ -226,6 +304,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({"step": step, **_flat_metrics(metrics)})
         return
     train_loop(model, optimizer, scheduler, scaler, ctx, step, metrics, device)
+
+
+def check_amp_support(amp: str, device: torch.device, bf16_supported: Any = None) -> None:
+    """Fail at start when `solver.amp` cannot run on `device`, not at the first step.
+
+    bf16 needs native bfloat16 (compute capability 8.0+): `torch.cuda.is_bf16_supported()`
+    alone also says yes on older GPUs, where bfloat16 tensors exist but run emulated.
+
+    Args:
+        amp: "off", "fp16" or "bf16".
+        device: the worker's device (AMP only applies on CUDA).
+        bf16_supported: the capability query, called without arguments; by default
+            `torch.cuda.is_bf16_supported(including_emulation=False)`.
+
+    Raises:
+        ValueError: bf16 on a GPU without native bfloat16, naming the GPU.
+    """
+    if amp != "bf16" or device.type != "cuda":
+        return
+    if bf16_supported is None:
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        supported = bf16_supported()
+    if not supported:
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+        raise ValueError(
+            f"solver.amp=bf16: this GPU ({name}) has no native bfloat16 (needs compute "
+            "capability 8.0+); use solver.amp=fp16 or solver.amp=off"
+        )
 
 
 def _flat_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -264,12 +371,15 @@ def train_loop(
             stats,
             group_window=job.data.group_window,
             seed=(job.seed, step // steps_per_epoch, rank),
+            image_dtype=torch.uint8,
         )
-        for images, targets in batches:
+        prepared = in_background(batches, pin_memory=device.type == "cuda")
+        for images, targets in prepared:
             data_wait = time.perf_counter() - waited_from
             images, targets = to_device(images, targets, device)
-            loss_dict, bad = train_step(model, images, targets, optimizer, scaler, job, device)
-            scheduler.step()
+            loss_dict, bad, window.lr = step_and_schedule(
+                model, images, targets, optimizer, scheduler, scaler, job, device
+            )
             step += 1
             if bad is not None:
                 bad_steps += 1
@@ -286,7 +396,6 @@ def train_loop(
             if step % job.log_every == 0 or step == total_steps:
                 log_progress(
                     window,
-                    optimizer,
                     ctx,
                     step,
                     stats,
@@ -320,6 +429,7 @@ def run_evaluation(
     rank, _ = world()
     t0 = time.perf_counter()
     metrics = evaluate_now(unwrap(model), ctx, device)
+    ctx["evaluated_at"] = step
     if rank != 0 or metrics is None:
         return None
     print(f"[eval] step {step} ({time.perf_counter() - t0:.0f} s)\n{format_metrics(metrics)}")
@@ -330,7 +440,6 @@ def run_evaluation(
 
 def log_progress(
     window: Window,
-    optimizer: torch.optim.Optimizer,
     ctx: dict[str, Any],
     step: int,
     stats: ReaderStats,
@@ -344,15 +453,16 @@ def log_progress(
     elapsed = max(time.perf_counter() - window.start, 1e-9)
     names = sorted(window.losses)
     steps = max(window.steps, 1)
-    values = [window.losses[k] / steps for k in names] + [window.data_wait / elapsed]
+    values = [float(window.losses[k]) / steps for k in names] + [window.data_wait / elapsed]
     averaged = all_reduce_mean(values, device)
     losses = dict(zip(names, averaged[: len(names)]))
     data_wait_fraction = averaged[-1]
     if world()[0] != 0:
         return
-    lr = optimizer.param_groups[0]["lr"]
+    lr = window.lr
     images_per_s = window.images / elapsed
     total = sum(losses.values())
+    ctx["train_loss"] = total
     rate = (step - run_start_step) / max(time.perf_counter() - run_start, 1e-9)
     eta = (job.solver.max_steps - step) / rate if rate > 0 else math.inf
     terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items())
@@ -373,7 +483,27 @@ def log_progress(
         }
     )
     metrics.update({f"data/{k}": v for k, v in stats.as_dict().items()})
+    metrics.update({f"host/{k}": v for k, v in host_memory().items()})
     tracking.log_metrics(ctx["tracking_uri"], ctx["run_id"], metrics, step)
+
+
+def host_memory() -> dict[str, float]:
+    """This process's resident memory in GB from /proc/self/status; {} where there is none.
+
+    `rss_anon_gb` is the process's own heap; `rss_shmem_gb` counts pages of shared memory it
+    touched (Ray's object store), which the kernel reports as resident in every reader.
+    """
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    fields = {"RssAnon": "rss_anon_gb", "RssFile": "rss_file_gb", "RssShmem": "rss_shmem_gb"}
+    memory = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            memory[fields[key]] = int(value.split()[0]) / 2**20  # kB -> GB
+    return memory
 
 
 def _duration(seconds: float) -> str:
@@ -390,14 +520,23 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     from panet_model.config import flatten
     from pipeline.evaluate import coco_ground_truth, evaluate
 
+    quiet_worker()
     rank, _ = world()
     device = ray.train.torch.get_device()
-    state = load_state(config["checkpoint"])
-    model_cfg = dict(state["config"]["model"])
-    preset = model_cfg.pop("preset", "tiny")
-    cfg = PANetConfig.preset(preset).override(flatten(model_cfg))
-    model = build_panet(cfg, num_classes=int(state["num_classes"]))
-    model.load_state_dict(state["model"])
+
+    def load_model() -> nn.Module:
+        state = load_state(config["checkpoint"])
+        model_cfg = dict(state["config"]["model"])
+        preset = model_cfg.pop("preset", "tiny")
+        cfg = PANetConfig.preset(preset).override(flatten(model_cfg))
+        model = build_panet(cfg, num_classes=int(state["num_classes"]))
+        model.load_state_dict(state["model"])
+        return model
+
+    failed_file = Path(config["metrics_path"]).with_name(FAILED_FILE)
+    model = setup_or_none(load_model, failed_file, device)
+    if model is None:
+        return
     model.to(device)
     ctx = dict(config)
     ctx["gt"] = coco_ground_truth(config["data"]) if rank == 0 else None

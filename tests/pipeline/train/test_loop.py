@@ -1,0 +1,162 @@
+"""The worker loop's pieces: the batch path, the learning rate it logs, the AMP check."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import load_job_config
+from pipeline.data.collate import collate_train, to_float_image
+from pipeline.data.reader import ReaderStats, in_background
+from pipeline.train import loop
+from pipeline.train.solver import build_optimizer, build_scheduler, lr_factor
+
+
+def job(**sets):
+    base = {"data.train": "a", "data.val": "b", "solver.warmup_steps": 4, "log_every": 1}
+    return load_job_config(None, {**base, **sets})
+
+
+class Quadratic(nn.Module):
+    """A stand-in for the detector: `model(images, targets)` -> a dict of loss terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        x = torch.stack([i.float().mean() for i in images])
+        return {"loss_a": (self.w.sum() * x).pow(2).mean(), "loss_b": self.w.pow(2).sum()}
+
+
+def test_progress_shows_the_learning_rate_the_step_used(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In warm-up the rate changes every step: step k is logged with lr_factor(k - 1)."""
+    j = job(**{"solver.optimizer": "sgd"})
+    model = Quadratic()
+    optimizer = build_optimizer(model, j)
+    scheduler = build_scheduler(optimizer, j)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    logged: list[dict[str, float]] = []
+    monkeypatch.setattr(loop.tracking, "log_metrics", lambda uri, run, m, step: logged.append(m))
+    ctx: dict[str, Any] = {"job": j, "tracking_uri": "unused", "run_id": "unused"}
+    images = [torch.full((3, 4, 4), 100, dtype=torch.uint8)]
+    for step in range(1, 4):
+        window = loop.Window()
+        losses, bad, window.lr = loop.step_and_schedule(
+            model, images, [{}], optimizer, scheduler, scaler, j, torch.device("cpu")
+        )
+        assert bad is None
+        window.add(losses, 1, 0.0)
+        loop.log_progress(window, ctx, step, ReaderStats(), 0, torch.device("cpu"), 0.0, 0)
+        used = j.lr * lr_factor(step - 1, j)
+        assert logged[-1]["train/lr"] == pytest.approx(used)
+        assert f"| lr {used:.5f} |" in capsys.readouterr().out
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(j.lr * lr_factor(3, j))
+
+
+def test_window_sums_loss_terms() -> None:
+    window = loop.Window()
+    for v in (1.0, 2.5):
+        window.add({"loss_a": torch.tensor(v), "loss_b": torch.tensor(2 * v)}, 2, 0.5)
+    assert {k: float(v) for k, v in window.losses.items()} == {"loss_a": 3.5, "loss_b": 7.0}
+    assert (window.steps, window.images, window.data_wait) == (2, 4, 1.0)
+
+
+def test_uint8_batch_becomes_the_float_batch_on_the_device() -> None:
+    """Bytes go to the device and become floats there, bit-identical to a float collate."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for h, w in ((5, 7), (6, 4)):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+        rows.append(
+            {
+                "image": pixels.numpy().tobytes(),
+                "height": h,
+                "width": w,
+                "image_id": 1,
+                "boxes": [],
+                "labels": [],
+                "rles": [],
+            }
+        )
+    floats, _ = collate_train(rows)
+    raw, targets = collate_train(rows, torch.uint8)
+    assert all(i.dtype == torch.uint8 and i.is_contiguous() for i in raw)
+    on_device, _ = loop.to_device(raw, targets, torch.device("cpu"))
+    for got, expected in zip(on_device, floats):
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert to_float_image(floats[0]) is floats[0]
+
+
+def test_in_background_keeps_the_order_and_runs_ahead() -> None:
+    produced: list[int] = []
+    threads: set[str] = set()
+
+    def batches():
+        for i in range(6):
+            threads.add(threading.current_thread().name)
+            produced.append(i)
+            yield [torch.tensor(i)], [{}]
+
+    got = in_background(batches(), depth=2)
+    first = next(got)
+    assert int(first[0][0]) == 0
+    rest = [int(images[0]) for images, _ in got]
+    assert rest == [1, 2, 3, 4, 5]
+    assert threads == {"batch-prefetch"}
+
+
+def test_in_background_raises_the_producers_error() -> None:
+    def batches():
+        yield [torch.tensor(0)], [{}]
+        raise RuntimeError("bad record")
+
+    got = in_background(batches())
+    next(got)
+    with pytest.raises(RuntimeError, match="bad record"):
+        next(got)
+
+
+def test_in_background_close_stops_and_closes_the_source() -> None:
+    closed = threading.Event()
+
+    def batches():
+        try:
+            for i in range(1000):
+                yield [torch.tensor(i)], [{}]
+        finally:
+            closed.set()
+
+    got = in_background(batches(), depth=1)
+    next(got)
+    got.close()  # what leaving the training loop early does
+    assert closed.is_set()
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())
+
+
+def test_bf16_on_a_gpu_without_native_bf16_fails_at_start() -> None:
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match=r"solver.amp=bf16: .*compute capability 8.0"):
+        loop.check_amp_support("bf16", cuda, bf16_supported=lambda: False)
+    loop.check_amp_support("bf16", cuda, bf16_supported=lambda: True)
+    never = pytest.fail  # fp16, off, or a CPU worker never ask the GPU
+    loop.check_amp_support("fp16", cuda, bf16_supported=never)
+    loop.check_amp_support("off", cuda, bf16_supported=never)
+    loop.check_amp_support("bf16", torch.device("cpu"), bf16_supported=never)
+
+
+def test_bf16_check_does_not_count_emulated_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pre-Ampere GPUs create bfloat16 tensors (emulation): that is not support for AMP."""
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: including_emulation,  # a Turing GPU's answers
+    )
+    with pytest.raises(ValueError, match="no native bfloat16"):
+        loop.check_amp_support("bf16", torch.device("cuda"))
