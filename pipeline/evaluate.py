@@ -355,14 +355,42 @@ def evaluate_model(
     return results
 
 
+# The default group this process's gather group was made for, and that gloo group.
+_gather_group: tuple[Any, dist.ProcessGroup] | None = None
+
+
+def gather_group() -> dist.ProcessGroup | None:
+    """The group `gather_results` sends Python objects over; made once per process.
+
+    None (the default group) when it is gloo or there is no distributed run. Otherwise (NCCL)
+    a gloo group of every rank, created on the first call and kept: call it when the worker
+    starts, so that a network problem between the hosts shows then, not at the first
+    evaluation hours later. Every rank must call it the first time (it is a collective).
+
+    Returns:
+        The gloo group, or None for the default group.
+    """
+    global _gather_group
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if _gather_group is None or _gather_group[0] is not world:
+        group = dist.new_group(backend="gloo")  # every rank is a member: a real group
+        assert isinstance(group, dist.ProcessGroup)
+        _gather_group = (world, group)
+    return _gather_group[1]
+
+
 def gather_results(results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """Merge every rank's COCO results on rank 0.
 
     Must be called by every rank of the default process group. The image ids of each rank
     are exchanged first and checked for overlap on every rank (so all ranks fail together,
     instead of rank 0 failing while the others wait); then the results go to rank 0 only. With
-    NCCL, the objects travel through a temporary gloo group, so the (large) pickled results never
-    occupy GPU memory.
+    NCCL, the objects travel through the gloo group of `gather_group`, so the (large) pickled
+    results never occupy GPU memory.
 
     Args:
         results: this rank's results (`evaluate_model`).
@@ -377,20 +405,12 @@ def gather_results(results: list[dict[str, Any]]) -> list[dict[str, Any]] | None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return results
     world, rank = dist.get_world_size(), dist.get_rank()
-    group: dist.ProcessGroup | None = None
-    if dist.get_backend() != "gloo":
-        new = dist.new_group(backend="gloo")  # every rank is a member: a real group
-        assert isinstance(new, dist.ProcessGroup)
-        group = new
-    try:
-        ids_per_rank: list[Any] = [None] * world
-        dist.all_gather_object(ids_per_rank, sorted({r["image_id"] for r in results}), group=group)
-        _check_disjoint(ids_per_rank)
-        gathered: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(results, gathered, dst=0, group=group)
-    finally:
-        if group is not None:
-            dist.destroy_process_group(group)
+    group = gather_group()
+    ids_per_rank: list[Any] = [None] * world
+    dist.all_gather_object(ids_per_rank, sorted({r["image_id"] for r in results}), group=group)
+    _check_disjoint(ids_per_rank)
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(results, gathered, dst=0, group=group)
     if gathered is None:
         return None
     return [r for part in gathered for r in part]

@@ -36,7 +36,7 @@ from pipeline.train.checkpoints import (
     rng_state,
     save_state,
 )
-from pipeline.train.failures import FAILED_FILE, setup_or_none
+from pipeline.train.failures import FAILED_FILE, NON_RETRYABLE, setup_or_none
 from pipeline.train.quiet import quiet_worker
 from pipeline.train.solver import build_optimizer, build_scheduler
 
@@ -293,10 +293,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "gradient_as_bucket_view": True,
         },
     )
+    from pipeline.evaluate import coco_ground_truth, gather_group
+
+    # NCCL: the gloo group every evaluation gathers over, made now so a bad network fails here.
+    gather_group()
     ctx = dict(config, job=job, gt=None)
     if rank == 0:
-        from pipeline.evaluate import coco_ground_truth
-
         ctx["gt"] = coco_ground_truth(job.data.val)
     total_steps = job.solver.max_steps
     if step >= total_steps:
@@ -524,17 +526,23 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     rank, _ = world()
     device = ray.train.torch.get_device()
 
-    def load_model() -> nn.Module:
-        state = load_state(config["checkpoint"])
-        model_cfg = dict(state["config"]["model"])
-        preset = model_cfg.pop("preset", "tiny")
-        cfg = PANetConfig.preset(preset).override(flatten(model_cfg))
-        model = build_panet(cfg, num_classes=int(state["num_classes"]))
-        model.load_state_dict(state["model"])
-        return model
+    results = config["results"]  # a `driver.ResultBox` actor: rank 0 may be on another node
 
-    failed_file = Path(config["metrics_path"]).with_name(FAILED_FILE)
-    model = setup_or_none(load_model, failed_file, device)
+    def load_model() -> nn.Module:
+        try:
+            state = load_state(config["checkpoint"])
+            model_cfg = dict(state["config"]["model"])
+            preset = model_cfg.pop("preset", "tiny")
+            cfg = PANetConfig.preset(preset).override(flatten(model_cfg))
+            model = build_panet(cfg, num_classes=int(state["num_classes"]))
+            model.load_state_dict(state["model"])
+            return model
+        except NON_RETRYABLE as err:
+            ray.get(results.put.remote("error", str(err)))
+            raise
+
+    with tempfile.TemporaryDirectory() as tmp:  # the error travels through `results`
+        model = setup_or_none(load_model, Path(tmp) / FAILED_FILE, device)
     if model is None:
         return
     model.to(device)
@@ -543,6 +551,6 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter_eval_batches(ray.train.get_dataset_shard("eval"), config["batch_size"])
     metrics = evaluate(model, batches, ctx["gt"], config["inverse_labels"], device)
     if metrics is not None:
-        # Ray Train V2 hands the driver no metrics without a checkpoint: write them out.
-        Path(config["metrics_path"]).write_text(json.dumps(metrics))
+        # Ray Train V2 hands the driver no metrics without a checkpoint: the actor does.
+        ray.get(results.put.remote("metrics", metrics))
     ray.train.report(_flat_metrics(metrics or {}))

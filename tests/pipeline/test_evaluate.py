@@ -38,6 +38,7 @@ from pipeline.evaluate import (
     evaluate,
     evaluate_model,
     format_metrics,
+    gather_group,
     gather_results,
     predictions_to_coco,
 )
@@ -479,6 +480,7 @@ def _dist_worker(rank: int, port: int, shard_dir: str, out_dir: str) -> None:
         gt_arg = gt if rank == 0 else None
         seen["evaluate"] = evaluate(model, batches, gt_arg, _label_maps(gt)[1], "cpu")
         seen["perfect"] = coco_evaluate(gt, _gt_results(gt)) if rank == 0 else None
+        seen["gather_group"] = _gather_group_reuse(mine)
         # Tear down together: a rank that destroyed its group and exited while the other was
         # still scoring aborted at exit in gloo ("terminate called without an active exception").
         dist.barrier()
@@ -487,6 +489,30 @@ def _dist_worker(rank: int, port: int, shard_dir: str, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
         (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(seen))
+
+
+def _gather_group_reuse(mine: list[dict[str, Any]]) -> dict[str, Any]:
+    """Three gathers as on an NCCL run (the backend's name patched, the groups real gloo)."""
+    calls = {"new_group": 0, "destroy_process_group": 0}
+    real = {name: getattr(dist, name) for name in (*calls, "get_backend")}
+
+    def counted(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real[name](*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        setattr(dist, name, counted(name))
+    dist.get_backend = lambda group=None: "nccl"  # type: ignore[assignment]
+    try:
+        first = gather_group()  # at worker start
+        gathered = [gather_results(mine) for _ in range(3)]  # three evaluations
+        return {**calls, "kept": gather_group() is first, "gathered": gathered}
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
 
 
 def _free_port() -> int:
@@ -534,6 +560,15 @@ def test_gather_results_two_ranks(dist_seen: list[dict[str, Any]]) -> None:
 def test_gather_results_overlap_raises_on_every_rank(dist_seen: list[dict[str, Any]]) -> None:
     for s in dist_seen:
         assert "image_id 5" in s["overlap"] and "ranks 0 and 1" in s["overlap"]
+
+
+def test_nccl_gather_group_is_made_once(dist_seen: list[dict[str, Any]]) -> None:
+    """On NCCL the objects go over a gloo group made at worker start and kept."""
+    for rank, s in enumerate(dist_seen):
+        seen = s["gather_group"]
+        assert seen["new_group"] == 1 and seen["destroy_process_group"] == 0
+        assert seen["kept"]
+        assert seen["gathered"] == [dist_seen[0]["disjoint"] if rank == 0 else None] * 3
 
 
 def test_distributed_evaluate(dist_seen: list[dict[str, Any]]) -> None:
