@@ -8,8 +8,8 @@ bilinear weights of its S x S sampling points (4 corners each). On CPU we build 
 level (vectorized, the same arithmetic as torchvision's kernel) and run forward and backward
 as one sparse-dense product each (A @ x, A^T @ grad), which PyTorch runs multi-threaded.
 A^T is built by one stable sort of A's column indices (`transposed`): `a.t()` is a CSC view
-that `torch.mm` first converts to CSR through a generic path ~2-3x slower, which made that
-conversion cost more than both products together.
+that `torch.mm` would first convert to CSR through a generic path ~2-3x slower, a conversion
+that costs more than both products together.
 On GPU, for adaptive sampling (sampling_ratio <= 0) and for dtypes other than float32/64,
 torchvision's kernel is used.
 """
