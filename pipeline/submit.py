@@ -1,0 +1,416 @@
+"""`panet submit`: run a `jobs.<name>` entrypoint on a Ray cluster through its job server.
+
+The job's config is checked here first (the same `preflight` as `panet train`), so a bad config
+or missing data fails before anything is uploaded. The runtime env ships the project directory
+(minus what `.rayignore` leaves out: data, shards, runs, `.venv`, caches) and either the
+dependencies pinned by `constraints.txt` or a container image. Authentication is Ray's own:
+with `RAY_AUTH_MODE=token`, `JobSubmissionClient` sends the token from `RAY_AUTH_TOKEN`,
+the file named by `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token`, as `ray job submit` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Job name -> the `panet` sub-command its `jobs.<name>` entrypoint runs.
+JOBS = {
+    "convert": ["data", "convert"],
+    "train": ["train"],
+    "eval": ["eval"],
+    "tune": ["tune"],
+    "predict": ["predict"],
+}
+CONFIG_JOBS = ("train", "tune")  # jobs that take --config / --set
+# Config keys that must name shared storage: a relative path would point into the uploaded
+# working dir, which leaves data and runs out and is deleted with the job.
+SHARED_KEYS = ("data.train", "data.val", "checkpoint.storage_path")
+RUN_LINE = re.compile(r"MLflow run ([0-9a-f]{32})")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Installed on the cluster by `ray` itself: never reinstalled by a job's runtime env.
+NOT_PIPPED = ("ray",)
+
+
+class SubmitError(ValueError):
+    """A problem found before or while talking to the job server; printed as one line."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `panet submit`."""
+    p = sub.add_parser(
+        "submit",
+        parents=[_options()],
+        help="submit a job to a Ray cluster, stream its logs, print its links",
+        usage=f"panet submit [OPTIONS] {{{','.join(JOBS)}}} [OPTIONS] [-- JOB ARGS]\n"
+        "       panet submit --list | --logs ID | --stop ID [--address URL]",
+        description="Check the job locally, upload the project (see .rayignore), and run "
+        "`python -m jobs.<job>` on the cluster. Job arguments other than --config/--set go "
+        "after `--`. Token authentication: export RAY_AUTH_MODE=token and put the cluster's "
+        "token in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH, or RAY_AUTH_TOKEN).",
+    )
+    p.add_argument(
+        "job",
+        nargs=argparse.REMAINDER,
+        metavar="JOB",
+        help=f"the jobs.<JOB> entrypoint: one of {', '.join(JOBS)}",
+    )
+    p.set_defaults(func=cmd_submit)
+
+
+def _options() -> argparse.ArgumentParser:
+    """`panet submit`'s options, accepted before and after the job name."""
+    p = argparse.ArgumentParser(add_help=False, prog="panet submit")
+    p.add_argument(
+        "--address",
+        help="the cluster's dashboard, e.g. http://127.0.0.1:8265 "
+        "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)",
+    )
+    p.add_argument("--config", help="train/tune: the job config, inside the working dir")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="train/tune: override"
+    )
+    env = p.add_mutually_exclusive_group()
+    env.add_argument("--image", help="run in this container image instead of pip installs")
+    env.add_argument(
+        "--no-pip",
+        action="store_true",
+        help="install nothing: the cluster's image already holds the pinned versions",
+    )
+    p.add_argument(
+        "--working-dir", default=str(PROJECT_ROOT), help="directory uploaded (default: project)"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow server as your browser reaches it, for the run link "
+        "(default: the config's tracking.uri)",
+    )
+    p.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="validate the config but not the data (paths that exist only on the cluster)",
+    )
+    p.add_argument("--no-wait", action="store_true", help="submit and return; do not stream")
+    p.add_argument("--submission-id", help="job id to use (default: Ray generates one)")
+    ops = p.add_mutually_exclusive_group()
+    ops.add_argument("--stop", metavar="ID", help="stop a running job")
+    ops.add_argument("--logs", metavar="ID", help="print a job's logs (follows a running job)")
+    ops.add_argument("--list", action="store_true", help="list the cluster's jobs")
+    return p
+
+
+def split_job(args: argparse.Namespace) -> argparse.Namespace:
+    """`job` holds everything from the job name on: options before `--` are submit's own
+    (parsed into `args`), the rest the job's (`args.job_args`); `args.job` becomes the name."""
+    tokens = list(args.job or [])
+    args.job, args.job_args = (tokens[0] if tokens else None), []
+    if args.job is None:
+        return args
+    if args.job not in JOBS:
+        raise SubmitError(f"unknown job {args.job!r}: expected one of {', '.join(JOBS)}")
+    rest = tokens[1:]
+    cut = rest.index("--") if "--" in rest else len(rest)
+    before, args.job_args = rest[:cut], rest[cut + 1 :]
+    parser = _options()
+    parser.error = _refuse  # type: ignore[method-assign]
+    parser.parse_args(before, namespace=args)  # keeps the values given before the job name
+    return args
+
+
+def _refuse(message: str) -> None:
+    raise SubmitError(message)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        args = split_job(args)
+        if args.list or args.logs or args.stop:
+            client = connect(resolve_address(args.address))
+            if args.list:
+                return list_jobs(client)
+            if args.logs:
+                return stream(client, args.logs, dashboard_link(client, args.logs), None)
+            return stop(client, args.stop)
+        if args.job is None:
+            raise SubmitError("name a job (convert, train, eval, tune, predict) or use --list")
+        return submit(args)
+    except SubmitError as err:
+        print(f"panet submit: error: {err}", file=sys.stderr)
+        return 2
+
+
+def resolve_address(address: str | None) -> str:
+    """The dashboard URL: the argument, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS."""
+    address = (
+        address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
+    )
+    if not address:
+        raise SubmitError("no cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    if "://" not in address:
+        address = f"http://{address}"
+    if not address.startswith(("http://", "https://")):
+        raise SubmitError(f"--address {address!r}: expected the dashboard's http(s):// URL")
+    return address.rstrip("/")
+
+
+def connect(address: str) -> Any:
+    """A `JobSubmissionClient`; Ray adds the token header when RAY_AUTH_MODE=token."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # connection refused, 401, wrong port: one line, not a traceback
+        raise SubmitError(f"cannot reach the job server at {address}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:400]
+
+
+def pinned_requirements(root: Path = PROJECT_ROOT) -> list[str]:
+    """The project's dependencies with the versions of `constraints.txt` (ray left out).
+
+    Args:
+        root: the directory holding pyproject.toml and constraints.txt.
+
+    Returns:
+        pip requirement strings, e.g. `["torch==2.14.1", ..., "pyyaml>=6"]`.
+    """
+    import tomllib
+
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins: dict[str, str] = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            pins[_dist_name(line)] = line
+    out = []
+    for dep in deps:
+        name = _dist_name(dep)
+        if name in NOT_PIPPED:
+            continue
+        out.append(pins.get(name, dep))
+    return out
+
+
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def runtime_env(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's runtime env: the working dir, then pinned pip packages or an image."""
+    env: dict[str, Any] = {
+        "working_dir": str(Path(args.working_dir).resolve()),
+        "env_vars": {"PYTHONUNBUFFERED": "1"},  # log lines reach the stream as they are printed
+    }
+    if args.image:
+        env["image_uri"] = args.image
+    elif not args.no_pip:
+        env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
+    return env
+
+
+def check_job(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Validate the job here, as `panet <command>` would on the cluster.
+
+    Returns:
+        (the entrypoint's arguments, the config's tracking URI or "")
+
+    Raises:
+        SubmitError: naming the file, key or argument that is wrong.
+    """
+    from pipeline.cli import build_parser
+
+    working_dir = Path(args.working_dir).resolve()
+    if not working_dir.is_dir():
+        raise SubmitError(f"--working-dir {str(working_dir)!r} is not a directory")
+    job_args = list(args.job_args)
+    tracking_uri = ""
+    if args.job in CONFIG_JOBS:
+        job_args = _config_args(args, working_dir) + job_args
+    elif args.config or args.set:
+        raise SubmitError(f"--config/--set are for train and tune; pass {args.job}'s after --")
+    argv = [*JOBS[args.job], *job_args]
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as err:  # argparse printed the reason
+        raise SubmitError(f"`panet {' '.join(argv)}` is not a valid {args.job} job") from err
+    if args.job == "train":
+        tracking_uri = _check_train(args)
+    return job_args, tracking_uri
+
+
+def _config_args(args: argparse.Namespace, working_dir: Path) -> list[str]:
+    out = []
+    if args.config:
+        config = Path(args.config).resolve()
+        if not config.is_file():
+            raise SubmitError(f"config file {args.config!r} does not exist")
+        try:
+            rel = config.relative_to(working_dir)
+        except ValueError as err:
+            raise SubmitError(
+                f"config file {args.config!r} is outside the working dir {str(working_dir)!r}, "
+                "so the job would not find it"
+            ) from err
+        out += ["--config", rel.as_posix()]
+    for item in args.set:
+        out += ["--set", item]
+    return out
+
+
+def _check_train(args: argparse.Namespace) -> str:
+    from panet_model.config import flatten
+    from pipeline.config import load_job_config, parse_set
+
+    try:
+        sets = parse_set(args.set)
+        job = load_job_config(args.config, sets)
+        raw = flatten(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+        raw.update(sets)
+        for key in SHARED_KEYS:
+            value = str(raw.get(key, "") or "")
+            if not value or ("://" not in value and not os.path.isabs(value)):
+                raise ValueError(
+                    f"config key {key!r} is {value or 'unset'!r}: a job needs an absolute path on "
+                    "shared storage or a URI (s3://, gs://), not a path inside the working dir"
+                )
+        if not args.no_data_check:
+            from pipeline.train.driver import preflight
+
+            try:
+                plan = preflight(job)
+            except ValueError as err:
+                raise ValueError(
+                    f"{err} (from here; if the data exists only on the cluster, "
+                    "pass --no-data-check)"
+                ) from err
+            print(
+                f"[submit] config and data OK: {plan.train_rows} training images, "
+                f"{plan.steps_per_epoch} steps/epoch",
+                flush=True,
+            )
+    except (ValueError, FileNotFoundError) as err:
+        raise SubmitError(str(err)) from err
+    return job.tracking.uri
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Check, submit, then stream the logs until the job ends (unless --no-wait)."""
+    job_args, config_uri = check_job(args)
+    client = connect(resolve_address(args.address))
+    entrypoint = " ".join(["python", "-m", f"jobs.{args.job}", *map(_quote, job_args)])
+    try:
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env(args),
+            submission_id=args.submission_id,
+            metadata={"panet_job": args.job},
+        )
+    except Exception as err:
+        raise SubmitError(f"the job server refused the job: {_first_line(err)}") from err
+    link = dashboard_link(client, job_id)
+    print(f"[submit] job id: {job_id}", flush=True)
+    print(f"[submit] dashboard: {link}", flush=True)
+    print(f"[submit] entrypoint: {entrypoint}", flush=True)
+    if args.no_wait:
+        print(f"[submit] follow it with: panet submit --logs {job_id}", flush=True)
+        return 0
+    return stream(client, job_id, link, args.tracking_uri or config_uri)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def dashboard_link(client: Any, job_id: str) -> str:
+    """The job's page in the Ray dashboard."""
+    return f"{client.get_address().rstrip('/')}/#/jobs/{job_id}"
+
+
+def mlflow_link(tracking_uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (`tracking.run_page_url`)."""
+    from pipeline.tracking import runs as tracking
+
+    return tracking.run_page_url(tracking_uri, run_id)
+
+
+def stream(client: Any, job_id: str, link: str, tracking_uri: str | None) -> int:
+    """Print the job's logs as they come; then its status and links.
+
+    Returns:
+        0 if the job succeeded, 1 otherwise.
+    """
+    run_ids: list[str] = []
+
+    async def follow() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            run_ids.extend(m for m in RUN_LINE.findall(chunk) if m not in run_ids)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        print(
+            f"\n[submit] stopped following; job {job_id} keeps running. "
+            f"Stop it with: panet submit --stop {job_id}",
+            flush=True,
+        )
+        return 130
+    except Exception as err:
+        raise SubmitError(f"job {job_id}: cannot read its logs: {_first_line(err)}") from err
+    status = _final_status(client, job_id)
+    print(f"\n[submit] job {job_id}: {status}", flush=True)
+    print(f"[submit] dashboard: {link}", flush=True)
+    if run_ids:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri:
+            print(f"[submit] MLflow run: {mlflow_link(uri, run_ids[-1])}", flush=True)
+        else:
+            print(f"[submit] MLflow run id: {run_ids[-1]} (its page is in the log above)")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _final_status(client: Any, job_id: str, timeout: float = 30) -> str:
+    # The log stream closes as the job ends; its status may trail by a moment.
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def stop(client: Any, job_id: str, timeout: float = 60) -> int:
+    """Stop a job and wait until Ray reports it stopped (or ended)."""
+    try:
+        client.stop_job(job_id)
+    except Exception as err:
+        raise SubmitError(f"cannot stop job {job_id}: {_first_line(err)}") from err
+    status = _final_status(client, job_id, timeout)
+    print(f"[submit] job {job_id}: {status}", flush=True)
+    return 0 if status in TERMINAL else 1
+
+
+def list_jobs(client: Any) -> int:
+    """One line per job: id, status, start time, entrypoint."""
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    if not jobs:
+        print("no jobs")
+    for j in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((j.start_time or 0) / 1000))
+        job_id = j.submission_id or j.job_id
+        print(f"{job_id:<32} {str(j.status.value):<10} {started}  {j.entrypoint}")
+    return 0

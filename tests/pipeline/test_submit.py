@@ -1,0 +1,317 @@
+"""`panet submit`: argument handling, the runtime env, checks before submitting, and a tiny job
+on a real token-authenticated local Ray cluster (logs streamed, links, --stop, --logs, --list,
+what the uploaded working dir holds)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser
+from pipeline.submit import (
+    SubmitError,
+    check_job,
+    pinned_requirements,
+    resolve_address,
+    runtime_env,
+    split_job,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = "jobs/configs/tiny_synth.yaml"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return split_job(build_parser().parse_args(["submit", *argv]))
+
+
+# ------------------------------------------------------------------------------------------
+# Without a cluster
+
+
+def test_options_before_and_after_the_job_and_job_args_after_dashes() -> None:
+    args = parse("--address", "h:1", "eval", "--no-pip", "--", "--checkpoint", "c", "--data", "d")
+    assert (args.job, args.address, args.no_pip) == ("eval", "h:1", True)
+    assert args.job_args == ["--checkpoint", "c", "--data", "d"]
+    args = parse("--set", "a=1", "train", "--config", "x.yaml", "--set", "b=2")
+    assert (args.job, args.config, args.set, args.job_args) == (
+        "train",
+        "x.yaml",
+        ["a=1", "b=2"],
+        [],
+    )
+    assert parse("--list").list and parse("--list").job is None
+    with pytest.raises(SubmitError, match="unknown job 'fit'"):
+        parse("fit")
+    with pytest.raises(SubmitError, match="unrecognized arguments: --bogus"):
+        parse("train", "--bogus")
+
+
+def test_address_from_argument_or_environment(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SubmitError, match="no cluster"):
+        resolve_address(None)
+    assert resolve_address("10.0.0.1:8265/") == "http://10.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert resolve_address(None) == "http://head:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://api:443")
+    assert resolve_address(None) == "https://api:443"
+    with pytest.raises(SubmitError, match="expected the dashboard"):
+        resolve_address("ray://head:10001")
+
+
+def test_runtime_env_pins_constraints_or_names_an_image() -> None:
+    pins = {
+        line.split("==")[0]: line
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    reqs = pinned_requirements()
+    for name, pin in pins.items():
+        if name != "ray":  # the cluster's own; a job never reinstalls it
+            assert pin in reqs
+    assert not any(r.startswith("ray") for r in reqs)
+    assert any(r.startswith("pycocotools") for r in reqs)  # unpinned deps kept as declared
+    env = runtime_env(parse("train"))
+    assert env["working_dir"] == str(REPO) and env["pip"]["packages"] == reqs
+    env = runtime_env(parse("train", "--image", "ghcr.io/x/panet:1"))
+    assert env["image_uri"] == "ghcr.io/x/panet:1" and "pip" not in env
+    assert "pip" not in runtime_env(parse("train", "--no-pip"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from pipeline.demo import ensure_shards
+
+    root = tmp_path_factory.mktemp("submit-data")
+    return {
+        "train": ensure_shards(root / "raw", root / "shards", "train", 8, 0),
+        "val": ensure_shards(root / "raw", root / "shards", "val", 4, 1),
+    }
+
+
+def tiny_sets(shards: dict[str, Path], storage: Path, name: str, steps: int = 2) -> list[str]:
+    sets = {
+        "name": name,
+        "data.train": shards["train"],
+        "data.val": shards["val"],
+        "checkpoint.storage_path": storage,
+        "tracking.uri": f"sqlite:///{storage / 'mlflow.db'}",
+        "tracking.log_model": "false",
+        "scaling.num_workers": 1,
+        "solver.ims_per_batch": 2,
+        "solver.max_steps": steps,
+        "solver.warmup_steps": 0,
+        "checkpoint.every_steps": steps,
+        "eval.pictures": 0,
+        "log_every": 1,
+        "data.decode_concurrency": 1,
+    }
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
+def test_checks_refuse_bad_jobs_before_any_cluster(shards, tmp_path) -> None:
+    good = tiny_sets(shards, tmp_path, "ok")
+    job_args, uri = check_job(parse("train", "--no-pip", "--config", str(REPO / CONFIG), *good))
+    assert job_args[:2] == ["--config", CONFIG] and uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(SubmitError, match="config key 'solver.no_such_key'"):
+        check_job(parse("train", "--config", CONFIG, *good, "--set", "solver.no_such_key=1"))
+    with pytest.raises(SubmitError, match="'data.train' is 'demo/shards/train'.*shared storage"):
+        check_job(parse("train", "--config", CONFIG))  # the demo's relative paths
+    missing = [*good, "--set", f"data.val={tmp_path / 'nope'}"]
+    with pytest.raises(SubmitError, match="data.val.*does not exist.*--no-data-check"):
+        check_job(parse("train", "--config", CONFIG, *missing))
+    check_job(parse("train", "--config", CONFIG, *missing, "--no-data-check"))
+    outside = tmp_path / "job.yaml"
+    shutil.copy(REPO / CONFIG, outside)
+    with pytest.raises(SubmitError, match="outside the working dir"):
+        check_job(parse("train", "--config", str(outside), *good))
+    with pytest.raises(SubmitError, match="not a valid eval job"):
+        check_job(parse("eval", "--", "--data", "x"))  # --checkpoint is required
+    with pytest.raises(SubmitError, match="--config/--set are for train and tune"):
+        check_job(parse("eval", "--config", CONFIG))
+
+
+# ------------------------------------------------------------------------------------------
+# On a real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from tests.ray_cluster import ray_cluster
+
+    with ray_cluster(num_cpus=4) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def working_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's files, plus what must never be uploaded: a .venv, data, runs."""
+    wd = tmp_path_factory.mktemp("wd")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (wd / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, wd / name)
+    for junk in (".venv/lib/big.so", "data/coco/train.bin", "runs/job/state.pt"):
+        (wd / junk).parent.mkdir(parents=True, exist_ok=True)
+        (wd / junk).write_bytes(os.urandom(3 << 20))
+    return wd
+
+
+def panet(cluster, *argv: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["panet", "submit", "--address", cluster.dashboard_url, *argv],
+        cwd=cwd,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_ids(cluster, cwd: Path) -> list[str]:
+    out = panet(cluster, "--list", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    return [line.split()[0] for line in out.stdout.splitlines() if line.startswith("raysubmit_")]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiny_job_runs_streams_and_links(cluster, shards, working_dir, tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import runs as tracking
+
+    storage = tmp_path / "runs"
+    cmd = ["panet", "submit", "--address", cluster.dashboard_url, "train", "--no-pip"]
+    cmd += ["--working-dir", str(working_dir), "--config", str(working_dir / CONFIG)]
+    cmd += tiny_sets(shards, storage, "submit-tiny")
+    proc = subprocess.Popen(
+        cmd, cwd=working_dir, env=cluster.env, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    lines: list[tuple[float, str]] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append((time.monotonic(), line.rstrip("\n")))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert proc.wait(timeout=900) == 0, "\n".join(text for _, text in lines)
+    reader.join()
+    text = "\n".join(t for _, t in lines)
+
+    job_id = re.search(r"\[submit\] job id: (raysubmit_\w+)", text).group(1)
+    assert f"[submit] dashboard: {cluster.dashboard_url}/#/jobs/{job_id}" in text
+    assert f"[submit] job {job_id}: SUCCEEDED" in text
+    # The job's own output arrived while it ran, well before the end of the stream.
+    started = next(t for t, line in lines if line.startswith("[panet] job 'submit-tiny'"))
+    ended = next(t for t, line in lines if line.endswith(": SUCCEEDED"))
+    assert ended - started > 3 and "COCO metrics of the last evaluation" in text
+    # The MLflow link names the job's run, which finished in the configured store.
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", text).group(1)
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    link = f"[submit] MLflow run: {tracking.run_page_url(uri, run_id)}"
+    assert link in text and f"/#/experiments/{run.info.experiment_id}/runs/{run_id}" in link
+    assert (storage / "submit-tiny" / "step-00000002" / "state.pt").is_file()
+
+    # What was uploaded: the code, none of the data, runs or .venv.
+    unpacked = cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+    packages = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
+    assert packages, sorted(p.name for p in unpacked.iterdir())
+    for package in packages:
+        assert (package / "pipeline" / "submit.py").is_file()
+        assert (package / "jobs" / "train.py").is_file() and (package / CONFIG).is_file()
+        for left_out in (".venv", "data", "runs", ".git"):
+            assert not (package / left_out).exists(), left_out
+        size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
+        assert size < 3 << 20, f"uploaded {size / 2**20:.1f} MiB"
+
+    # --logs replays a finished job; --list shows it.
+    logs = panet(cluster, "--logs", job_id, cwd=working_dir)
+    assert logs.returncode == 0 and "[panet] job 'submit-tiny'" in logs.stdout
+    assert f"[submit] job {job_id}: SUCCEEDED" in logs.stdout
+    assert job_id in job_ids(cluster, working_dir)
+
+
+@pytest.mark.ray
+def test_stop_a_running_job(cluster, shards, working_dir, tmp_path) -> None:
+    args = ["train", "--no-pip", "--no-wait", "--working-dir", str(working_dir)]
+    args += ["--config", str(working_dir / CONFIG), *tiny_sets(shards, tmp_path, "stop", 10**6)]
+    out = panet(cluster, *args, cwd=working_dir)
+    assert out.returncode == 0, out.stderr
+    job_id = re.search(r"job id: (raysubmit_\w+)", out.stdout).group(1)
+    assert f"panet submit --logs {job_id}" in out.stdout
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + 300
+    while (status := job_status(cluster, job_id)) != JobStatus.RUNNING.value:
+        assert status == "PENDING" and time.monotonic() < deadline, status
+        time.sleep(1)
+    stopped = panet(cluster, "--stop", job_id, cwd=working_dir)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"[submit] job {job_id}: STOPPED" in stopped.stdout
+    assert job_status(cluster, job_id) == "STOPPED"
+
+
+def job_status(cluster, job_id: str) -> str:
+    out = subprocess.run(
+        ["ray", "job", "status", "--address", cluster.dashboard_url, job_id],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    match = re.search(r"Status for job '[^']+': (\w+)", out.stdout + out.stderr)
+    assert match, out.stdout + out.stderr
+    return match.group(1)
+
+
+@pytest.mark.ray
+def test_bad_config_or_no_token_submits_nothing(cluster, shards, working_dir, tmp_path) -> None:
+    before = job_ids(cluster, working_dir)
+    bad = panet(
+        cluster,
+        "train",
+        "--no-pip",
+        "--working-dir",
+        str(working_dir),
+        "--config",
+        str(working_dir / CONFIG),
+        *tiny_sets(shards, tmp_path, "bad"),
+        "--set",
+        "solver.max_steps=0",
+        cwd=working_dir,
+    )
+    assert bad.returncode == 2 and "job id" not in bad.stdout
+    assert "panet submit: error: config key 'solver.max_steps'" in bad.stderr
+    assert job_ids(cluster, working_dir) == before
+    # Token auth is on: without the token the job server answers no request.
+    env = {**cluster.env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token"), "HOME": str(tmp_path)}
+    out = subprocess.run(
+        ["panet", "submit", "--address", cluster.dashboard_url, "--list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "panet submit: error: cannot reach the job server" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
