@@ -18,6 +18,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from panet_model.afp import AdaptiveRoIPool
 from panet_model.bpa import BottomUpPath
 from panet_model.config import PANetConfig
+from panet_model.dcn import make_deformable
 from panet_model.heads import (
     AFPSpec,
     BoxHead2FC,
@@ -59,6 +60,7 @@ def build_panet(cfg: PANetConfig, num_classes: int) -> PANet:
         _skip_resize=t.skip_resize_in_training,
     )
     model = PANet(backbone, rpn, roi_heads, transform)
+    model.test = cfg.test
     if cfg.weights:
         load_model_weights(model, cfg.weights)
     return model
@@ -83,6 +85,8 @@ def build_backbone(cfg: PANetConfig) -> BackboneWithFPN:
     trunk = build_trunk(b.name, b.width, backbone_norm_layer(b.norm, b.frozen_bn_eps))
     if b.weights:
         load_backbone_weights(trunk, b.weights)
+    if b.dcn_stages:
+        make_deformable(trunk, b.dcn_stages)  # after the ImageNet weights: it copies them
     extra = (
         BottomUpPath(cfg.fpn.out_channels, len(FEATURE_NAMES), cfg.bpa.norm)
         if cfg.bpa.enabled

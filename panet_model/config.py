@@ -29,6 +29,7 @@ class BackboneConfig:
     norm: BackboneNorm = "frozen_bn"  # paper RBL: frozen BN; MBN: syncbn
     frozen_bn_eps: float = 1e-5  # torchvision's COCO Mask R-CNN checkpoint was trained with 0.0
     width: int = 64  # stem channels (stages: w, 2w, 4w, 8w); < 64 only for CPU presets, ResNets
+    dcn_stages: tuple[int, ...] = ()  # stages (2..5 = conv2_x..conv5_x) with deformable 3x3 convs
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,17 @@ class TransformConfig:
 
 
 @dataclass(frozen=True)
+class TestConfig:
+    scales: tuple[int, ...] = ()  # multi-scale testing: short sides; () = transform.min_size[-1]
+    max_size: int = 0  # long-edge cap of the test resizes, 0 = transform.max_size
+    flip: bool = False  # also test the horizontally flipped image (at every scale)
+    box_vote: bool = False  # box voting: a kept box becomes the score-weighted mean of its voters
+    box_vote_iou: float = 0.8  # box IoU of a voter with the kept box (Detectron: 0.8)
+    mask_vote: bool = False  # mask voting: a mask becomes the score-weighted mean of its voters
+    mask_vote_iou: float = 0.5  # mask IoU of a voter with the kept mask (MNC: 0.5)
+
+
+@dataclass(frozen=True)
 class PANetConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
@@ -131,6 +143,7 @@ class PANetConfig:
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    test: TestConfig = field(default_factory=TestConfig)  # test-time tricks (paper Sec. 4.2)
     weights: str | None = None  # local path or file:// URI of a whole-model checkpoint
 
     @classmethod
@@ -180,6 +193,11 @@ class PANetConfig:
         require(self.backbone.trainable_layers in range(6), "backbone.trainable_layers", "0..5")
         b = self.backbone
         require(b.width > 0, "backbone.width", "a positive integer")
+        require(
+            set(b.dcn_stages) <= {2, 3, 4, 5} and len(set(b.dcn_stages)) == len(b.dcn_stages),
+            "backbone.dcn_stages",
+            "distinct ResNet stages among 2, 3, 4, 5 (e.g. [4, 5])",
+        )
         if b.width != 64:
             require(
                 b.name in ("resnet18", "resnet34", "resnet50", "resnet101"),
@@ -216,6 +234,11 @@ class PANetConfig:
         ):
             require(self._get(key) > 0, key, "a positive integer")
         require(len(self.transform.min_size) > 0, "transform.min_size", "at least one size")
+        t = self.test
+        require(all(v > 0 for v in t.scales), "test.scales", "positive short sides")
+        require(t.max_size >= 0, "test.max_size", ">= 0 (0: transform.max_size)")
+        for key in ("test.box_vote_iou", "test.mask_vote_iou"):
+            require(0.0 < self._get(key) <= 1.0, key, "an IoU in (0, 1]")
         ff = self.mask_head.ff
         start = int(ff.start[-1])
         require(

@@ -8,6 +8,9 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+from panet_model.config import TestConfig
+from panet_model.tta import detect, uses_tricks
+
 FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -16,8 +19,11 @@ class PANet(GeneralizedRCNN):
 
     Calling convention of torchvision's detection models: `model(images, targets)` returns a
     dict of losses in train mode, `model(images)` a list of
-    `{"boxes", "labels", "scores", "masks"}` in eval mode.
+    `{"boxes", "labels", "scores", "masks"}` in eval mode, under the test-time tricks of
+    `self.test` (`panet_model.tta`) when it asks for any.
     """
+
+    test: TestConfig | None = None
 
     def forward(  # type: ignore[override]
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -32,6 +38,8 @@ class PANet(GeneralizedRCNN):
         check_inputs(
             images, targets if self.training else None, self.roi_heads.has_mask(), num_classes
         )
+        if not self.training and self.test is not None and uses_tricks(self.test):
+            return detect(self, images, self.test)
         return super().forward(images, targets)
 
 

@@ -86,6 +86,12 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     synth.add_argument("--format", choices=("coco", "mvd"), required=True, help="layout to write")
     synth.add_argument("--images", type=_non_negative_int, required=True, help="number of images")
     synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    synth.add_argument(
+        "--split",
+        default="train",
+        help="split name in the paths (default train); write a validation set with --split val "
+        "(same --out, other scenes); `convert mvd --split` / COCO's instances_<split>.json match it",
+    )
     synth.add_argument("--out", type=Path, required=True, help="output data set root")
     synth.set_defaults(func=_cmd_synth)
 
@@ -182,12 +188,23 @@ def _options(args: argparse.Namespace) -> dict:
     }
 
 
+def _check_yield(command: str, out: Path, manifest: dict) -> int:
+    """Exit 2 with a hint when the conversion kept nothing or skipped most images."""
+    from pipeline.data.shards import yield_problem
+
+    problem = yield_problem(manifest)
+    if problem is None:
+        return 0
+    print(f"panet {command}: error: {out}: {problem}", file=sys.stderr)
+    return 2
+
+
 @_user_errors("data synth")
 def _cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.data.synth import write_synthetic
 
     try:
-        out = write_synthetic(args.format, args.images, args.seed, args.out)
+        out = write_synthetic(args.format, args.images, args.seed, args.out, split=args.split)
     except ValueError as e:  # bad parameter values, as documented by write_synthetic
         print(f"panet data synth: error: {e}", file=sys.stderr)
         return 2
@@ -199,24 +216,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_convert_coco(args: argparse.Namespace) -> int:
     from pipeline.data.convert_coco import convert_coco
 
-    convert_coco(args.annotations, args.images, args.out, **_options(args))
-    return 0
+    manifest = convert_coco(args.annotations, args.images, args.out, **_options(args))
+    return _check_yield("data convert coco", args.out, manifest)
 
 
 @_user_errors("data convert mvd")
 def _cmd_convert_mvd(args: argparse.Namespace) -> int:
     from pipeline.data.convert_mvd import convert_mvd
 
-    convert_mvd(args.root, args.split, args.out, version=args.version, **_options(args))
-    return 0
+    manifest = convert_mvd(args.root, args.split, args.out, version=args.version, **_options(args))
+    return _check_yield("data convert mvd", args.out, manifest)
 
 
 @_user_errors("data convert cityscapes")
 def _cmd_convert_cityscapes(args: argparse.Namespace) -> int:
     from pipeline.data.convert_cityscapes import convert_cityscapes
 
-    convert_cityscapes(args.root, args.split, args.out, **_options(args))
-    return 0
+    manifest = convert_cityscapes(args.root, args.split, args.out, **_options(args))
+    return _check_yield("data convert cityscapes", args.out, manifest)
 
 
 @_user_errors("data inspect")

@@ -212,6 +212,12 @@ def plan_mvd(root: str | Path, split: str, version: str | None = None) -> Conver
                     "readable": str(label.get("readable", "")),
                 }
             )
+    if not (root / split).is_dir():
+        found = sorted(d.name for d in root.iterdir() if (d / "images").is_dir())
+        raise DataError(
+            f"{root / split}: split {split!r} not found; the splits under {root} are "
+            f"{', '.join(found) or 'none'} (--split names a folder <root>/<split>/images)"
+        )
     images_dir = root / split / "images"
     instances_dir = root / split / version / "instances"
     if not instances_dir.is_dir() and (root / split / "instances").is_dir():

@@ -673,6 +673,35 @@ def _format_skipped(skipped: list[dict], indent: str = "  ") -> list[str]:
     return lines
 
 
+# What to check when a conversion keeps (almost) nothing, by input format.
+YIELD_HINTS = {
+    "coco": "is --images the folder holding the annotation file's file_name paths?",
+    "mvd": "are --root and --split the data set root and the split folder?",
+    "cityscapes": "are --root and --split the data set root and the split folder?",
+}
+
+
+def yield_problem(manifest: dict) -> str | None:
+    """One line with a hint when a conversion kept no record or skipped most images, else None.
+
+    Args:
+        manifest: a finished conversion's manifest.
+    """
+    t = manifest["totals"]
+    images, records = int(t["images"]), int(t["records"])
+    if images == 0:
+        return "the input lists no images; is it the right annotation file or split?"
+    if records > 0 and 2 * int(t["skipped_images"]) <= images:
+        return None
+    groups = [g for g in group_skipped(manifest["skipped"]) if g["kind"] == "image"]
+    cause = ""
+    if groups:
+        ex = groups[0]["example"]
+        cause = f", {groups[0]['count']} x {groups[0]['code']}, e.g. {ex['source']}: {ex['reason']}"
+    hint = YIELD_HINTS.get(str(manifest.get("source", {}).get("format")), "")
+    return f"kept {records} of {images} images ({t['skipped_images']} skipped{cause}); {hint}"
+
+
 def format_summary(manifest: dict, *, elapsed: float, reused_shards: int = 0) -> str:
     """The end-of-conversion summary: records, shards, bytes, time, skipped grouped by reason.
 
@@ -905,6 +934,8 @@ def inspect_shards(shard_dir: str | Path, *, verify: bool = False) -> dict:
     if verify:
         for s in manifest["shards"]:
             problems += verify_shard(shard_dir, s)
+        if not sum(int(s["rows"]) for s in manifest["shards"]):
+            problems.append("no records: the shard set is empty (see the skipped images)")
     return {
         "dir": str(shard_dir),
         "source": manifest.get("source", {}),

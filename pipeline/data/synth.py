@@ -145,6 +145,9 @@ def write_synthetic(
 
     Returns:
         `out`.
+
+    Raises:
+        ValueError: a bad parameter, or `out` already holds the other format's layout.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
@@ -159,6 +162,12 @@ def write_synthetic(
     if not split or "/" in split or "\\" in split:
         raise ValueError(f"split: expected a plain folder name, got {split!r}")
     out = Path(out)
+    other = existing_layout(out)
+    if other is not None and other != fmt:
+        raise ValueError(
+            f"out: {out} already holds a {other.upper()} data set; writing {fmt.upper()} there "
+            "would mix two layouts: choose another --out, or remove that folder first"
+        )
     out.mkdir(parents=True, exist_ok=True)
     scenes = _scenes(seed, split, n_images, min_size, max_size, coco=fmt == "coco")
     if fmt == "coco":
@@ -167,6 +176,18 @@ def write_synthetic(
         _write_mvd(scenes, out, seed, split)
     _write_readme(out, fmt, n_images, seed, split, min_size, max_size)
     return out
+
+
+def existing_layout(root: Path) -> str | None:
+    """ "coco" or "mvd" if `root` already holds that layout's files, else None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    if (root / "annotations").is_dir() or (root / "images").is_dir():
+        return "coco"
+    if any(root.glob("config*.json")) or any(root.glob("*/images")):
+        return "mvd"
+    return None
 
 
 def mvd_key(seed: int, split: str, index: int) -> str:

@@ -29,6 +29,8 @@ import posixpath
 import re
 import shlex
 import shutil
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -889,6 +891,19 @@ def experiment_runs_url(
     return f"{base}/#/experiments/{experiment_id}/runs"
 
 
+def script_command(name: str) -> str:
+    """How to start console script `name` from a shell, as printed for the user.
+
+    In a virtual environment the script's absolute path: its `bin/` is on PATH only while the
+    environment is activated. Elsewhere the bare name (installed on PATH).
+    """
+    if sys.prefix != sys.base_prefix:
+        path = Path(sysconfig.get_path("scripts")) / name
+        if path.is_file():
+            return str(path)
+    return name
+
+
 def ui_command(tracking_uri: str, port: int = DEFAULT_UI_PORT) -> str:
     """The shell command that shows the runs of `tracking_uri` in the MLflow UI.
 
@@ -907,8 +922,8 @@ def ui_command(tracking_uri: str, port: int = DEFAULT_UI_PORT) -> str:
         A command line, quoted for a POSIX shell.
     """
     if tracking_uri.startswith(("http://", "https://")):
-        return f"python -m webbrowser {shlex.quote(tracking_uri)}"
-    args = ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", "mlflow", "server"]
+        return shlex.join([sys.executable, "-m", "webbrowser", tracking_uri])
+    args = ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", script_command("mlflow"), "server"]
     args += ["--backend-store-uri", tracking_uri]
     artifacts = default_artifact_location(tracking_uri)
     if artifacts is not None:

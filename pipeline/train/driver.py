@@ -11,11 +11,14 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.train.failures import FAILED_FILE, clear_failure, raise_failure
+from pipeline.train.resume import check_job_change, describe, write_job_record
 
 # oneDNN (PyTorch's CPU convolutions) keeps 1,024 compiled primitives by default. Detection
 # batches vary in padded size and RoI count (a tiny run meets ~8,000 distinct primitives), so
@@ -58,10 +61,19 @@ class Plan:
     train_rows: int
     val_rows: int
     manifest_id: str  # fingerprint of the training shards
+    val_manifest_id: str = ""  # fingerprint of the validation shards
+    # Config keys that differ from the checkpoint a resumed job goes on from: (key, old, new).
+    changes: tuple[tuple[str, Any, Any], ...] = ()
 
 
-def preflight(job: JobConfig) -> Plan:
-    """Check the data against the config without Ray; raises ValueError naming the problem."""
+def preflight(job: JobConfig, *, allow_changes: bool = False) -> Plan:
+    """Check the config, weights, data and resources without Ray; ValueError names the problem.
+
+    Args:
+        job: the job.
+        allow_changes: resume an existing job name even if its config changed (`--resume`);
+            a job never resumes on other data.
+    """
     from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
     from pipeline.data.shards import load_manifest
 
@@ -82,6 +94,12 @@ def preflight(job: JobConfig) -> Plan:
         raise ValueError(f"config key 'solver.ims_per_batch': {err}") from err
     if num_rows(val) == 0:
         raise ValueError(f"config key 'data.val': {job.data.val!r} holds no records")
+    if not cluster_address(job):
+        check_resources(job)
+    check_weights(job, len(train_cats) + 1)
+    changes = check_job_change(
+        job, dict(train_cats), str(train.get("fingerprint", "")), allow_changes=allow_changes
+    )
     check_resume(job, len(train_cats) + 1)
     return Plan(
         num_classes=len(train_cats) + 1,
@@ -91,7 +109,34 @@ def preflight(job: JobConfig) -> Plan:
         train_rows=num_rows(train),
         val_rows=num_rows(val),
         manifest_id=str(train.get("fingerprint", "")),
+        val_manifest_id=str(val.get("fingerprint", "")),
+        changes=tuple(changes),
     )
+
+
+def check_weights(job: JobConfig, num_classes: int) -> None:
+    """The configured weights files exist and fit the model (a worker would fail on each retry)."""
+    from panet_model.weights import resolve_local
+
+    keys = (
+        ("model.backbone.weights", job.model.backbone.weights),
+        ("model.weights", job.model.weights),
+    )
+    for key, uri in keys:
+        if uri:
+            try:
+                resolve_local(uri)
+            except (ValueError, FileNotFoundError) as err:
+                raise ValueError(f"config key {key!r}: {err}") from err
+    if any(uri for _, uri in keys):
+        from panet_model import build_panet
+
+        try:
+            build_panet(job.model, num_classes=num_classes)  # loads and shape-checks them
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(
+                f"config key 'model.weights' / 'model.backbone.weights': {err}"
+            ) from err
 
 
 def check_resume(job: JobConfig, num_classes: int) -> None:
@@ -114,6 +159,11 @@ def _manifest(load: Any, key: str, path: str) -> dict:
         raise ValueError(f"config key {key!r}: {err}") from err
 
 
+def cluster_address(job: JobConfig) -> str:
+    """The Ray cluster the job joins (`ray.address` or RAY_ADDRESS); "" for a local instance."""
+    return job.ray.address or os.environ.get("RAY_ADDRESS", "")
+
+
 def connect_ray(job: JobConfig) -> None:
     """Join the configured cluster, or start a local one with CPUs for the data tasks too.
 
@@ -122,35 +172,60 @@ def connect_ray(job: JobConfig) -> None:
     """
     import ray
 
+    from pipeline.train.quiet import quiet_driver, quiet_local_ray
+
+    quiet_driver()
     if ray.is_initialized():
         return
-    address = job.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(job)
     if address:
         ray.init(address=address)
         return
     need = job.scaling.num_workers * job.scaling.cpus_per_worker + 2
     num_cpus = job.ray.num_cpus or int(max(os.cpu_count() or 1, need) + 0.999)
+    quiet_local_ray()
     ray.init(num_cpus=num_cpus)
 
 
-def check_resources(job: JobConfig) -> None:
-    """Fail before any worker starts if the cluster cannot hold the workers plus data tasks."""
-    import ray
+def check_resources(job: JobConfig, cluster: dict[str, float] | None = None) -> None:
+    """Fail before any worker starts if the workers cannot be placed.
 
-    res = ray.cluster_resources()
-    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    need = job.scaling.num_workers * job.scaling.cpus_per_worker
-    if need + job.data.decode_cpus > cpus:
+    Args:
+        job: the job.
+        cluster: the cluster's resources (`ray.cluster_resources()`): the workers plus one
+            Ray Data decode task must fit its CPUs. None: a local instance not started yet,
+            checked against this machine's cores and GPUs (the instance gets extra logical
+            CPUs for the data tasks, `connect_ray`, or exactly `ray.num_cpus` if set).
+    """
+    sc = job.scaling
+    need = sc.num_workers * sc.cpus_per_worker
+    if cluster is not None:
+        cpus, gpus, where = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), "the cluster has"
+        data_cpus = job.data.decode_cpus
+    elif job.ray.num_cpus:
+        cpus, gpus, where = float(job.ray.num_cpus), _local_gpus(), "ray.num_cpus is"
+        data_cpus = job.data.decode_cpus
+    else:
+        cpus, gpus, where = float(os.cpu_count() or 1), _local_gpus(), "this machine has"
+        data_cpus = 0.0
+    if need + data_cpus > cpus:
+        for_data = f" plus {data_cpus:g} for Ray Data" if data_cpus else ""
         raise ValueError(
-            f"config key 'scaling.num_workers': {job.scaling.num_workers} workers x "
-            f"{job.scaling.cpus_per_worker} CPU need {need:g} CPUs plus "
-            f"{job.data.decode_cpus:g} for Ray Data, but the cluster has {cpus:g}"
+            f"config key 'scaling.num_workers': {sc.num_workers} workers x "
+            f"{sc.cpus_per_worker:g} CPU (scaling.cpus_per_worker) need {need:g} CPUs"
+            f"{for_data}, but {where} {cpus:g}"
         )
-    if job.scaling.use_gpu and job.scaling.num_workers > gpus:
+    if sc.use_gpu and sc.num_workers > gpus:
         raise ValueError(
-            f"config key 'scaling.use_gpu': {job.scaling.num_workers} workers need one GPU each, "
-            f"but the cluster has {gpus:g}"
+            f"config key 'scaling.use_gpu': {sc.num_workers} workers need one GPU each, "
+            f"but {where} {gpus:g}"
         )
+
+
+def _local_gpus() -> float:
+    import torch
+
+    return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
 def _repo_root() -> Path:
@@ -275,22 +350,37 @@ def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) ->
     )
 
 
-def run_training(job: JobConfig) -> dict[str, Any]:
+def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, Any]:
     """`panet train`: check, connect, open the MLflow run, train, and return the final metrics.
+
+    Args:
+        job: the job.
+        allow_changes: resume an existing job name with a changed config (`--resume`).
 
     Returns:
         {"metrics": the 12 COCO metrics of the last evaluation, "tracking_uri", "run_id",
         "checkpoint": path of the latest checkpoint}.
     """
+    import ray
+
     from pipeline.tracking import runs as tracking
 
-    plan = preflight(job)
+    plan = preflight(job, allow_changes=allow_changes)
+    if plan.changes:
+        print(
+            f"[panet] job {job.name!r} resumes with changes: {describe(plan.changes)}", flush=True
+        )
     done = finished_result(job)
     if done is not None:
         return done
     connect_ray(job)
-    check_resources(job)
-    uri, run_id = open_run(job, plan)
+    check_resources(job, ray.cluster_resources())
+    with warnings.catch_warnings():
+        # A resumed job's changed params go to `param_changed.*` tags; the line above names them.
+        warnings.filterwarnings("ignore", "params already logged with other values")
+        uri, run_id = open_run(job, plan)
+    write_job_record(job.run_dir, plan.manifest_id, plan.val_manifest_id)
+    clear_failure(job.run_dir / FAILED_FILE)
     print(
         f"[panet] job {job.name!r}: {plan.train_rows} training / {plan.val_rows} validation images, "
         f"{plan.num_classes - 1} classes, {job.scaling.num_workers} workers x "
@@ -303,6 +393,11 @@ def run_training(job: JobConfig) -> dict[str, Any]:
         result = trainer.fit()
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+        raise
+    try:
+        raise_failure(job.run_dir / FAILED_FILE)  # a worker's setup error, not retried
+    except ValueError:
+        tracking.finish_run(uri, run_id, "FAILED")
         raise
     tracking.finish_run(uri, run_id, "FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
@@ -414,4 +509,5 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
         dataset_config=ReaderDataConfig(eval_datasets=("eval",), preserve_order=True),
     )
     trainer.fit()
+    raise_failure(metrics_path.with_name(FAILED_FILE))  # a worker's setup error, not retried
     return {k: float(v) for k, v in json.loads(metrics_path.read_text()).items()}

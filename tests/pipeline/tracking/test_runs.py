@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,29 +343,40 @@ def test_ui_urls_and_command(local_uri: str, local_dir: Path) -> None:
         "http://h:1/#/experiments/3/runs"
     )
     command = tracking.ui_command(uri)
+    mlflow = shlex.quote(tracking.script_command("mlflow"))
     assert command == (
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server "
+        f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {mlflow} server "
         f"--backend-store-uri {uri} "
         f"--default-artifact-root {(local_dir / 'mlartifacts').resolve().as_uri()} "
         "--host 127.0.0.1 --port 5000 --workers 1"
     )
-    assert tracking.ui_command("http://mlflow:5000") == "python -m webbrowser http://mlflow:5000"
+    assert tracking.ui_command("http://mlflow:5000") == (
+        f"{shlex.quote(sys.executable)} -m webbrowser http://mlflow:5000"
+    )
+
+
+def test_printed_commands_run_without_the_venv_on_path() -> None:
+    """From a virtual env, printed commands name its scripts by absolute path."""
+    assert sys.prefix != sys.base_prefix, "the tests run from the project's venv"
+    mlflow = tracking.script_command("mlflow")
+    assert Path(mlflow).is_absolute() and Path(mlflow).is_file()
+    assert tracking.script_command("no-such-script") == "no-such-script"
+    shell = shutil.which("sh")
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    out = subprocess.run([shell, "-c", f"{shlex.quote(mlflow)} --version"], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
 
 
 def test_ui_command_serves_the_run_page(local_uri: str, tmp_path: Path) -> None:
-    """The printed command, on another port, serves the store and the run (REST of the UI)."""
+    """The printed command, run by a shell without the venv on PATH, serves the store and run."""
     uri = local_uri
     run_id = tracking.start_or_resume_run(uri, "exp", "job", None)
     tracking.log_metrics(uri, run_id, {"bbox/AP": 0.5}, 1)
     port = free_port()
     command = tracking.ui_command(uri, port=port)
-    env_part, _, rest = command.partition(" ")
-    key, value = env_part.split("=")
-    import shlex
-
-    argv = shlex.split(rest)
-    argv[0] = str(Path(sys.executable).with_name("mlflow"))
-    proc = subprocess.Popen(argv, env={**os.environ, key: value}, cwd=tmp_path,
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    proc = subprocess.Popen([shutil.which("sh"), "-c", command], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     try:

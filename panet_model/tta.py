@@ -1,0 +1,252 @@
+"""Test-time tricks of the paper's COCO entry (Sec. 4.2): multi-scale and horizontal-flip
+testing, box voting and mask voting.
+
+`detect` runs a `PANet` in eval mode on several views of each image (every scale of
+`TestConfig.scales`, each also flipped with `flip`) and merges them as Detectron does:
+
+1. Boxes: every view's class-specific candidates (scored, before NMS) are mapped back to the
+   original image and pooled; per-class NMS over the pool keeps the top `detections_per_img`.
+2. Box voting (`box_vote`): each kept box becomes the score-weighted mean of the pooled boxes of
+   its class that overlap it by at least `box_vote_iou` (Detectron's BBOX_VOTE).
+3. Masks: the mask branch predicts every kept box in every view; the M x M probabilities are
+   averaged over the views (flipped views flipped back), then pasted into the image.
+4. Mask voting (`mask_vote`): each mask becomes the score-weighted mean of the pasted masks of
+   the highest-scoring pooled candidates of its class whose mask IoU with it is at least
+   `mask_vote_iou` (MNC's mask voting).
+
+With a single view and no voting the result is the model's own output, up to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import _resize_image_and_masks, resize_boxes
+from torchvision.ops import boxes as box_ops
+
+from panet_model.config import TestConfig
+
+
+def uses_tricks(test: TestConfig | None) -> bool:
+    """True if `test` asks for anything but the model's plain single-scale inference."""
+    if test is None:
+        return False
+    return bool(test.scales or test.max_size or test.flip or test.box_vote or test.mask_vote)
+
+
+@dataclass
+class View:
+    """One test view of an image: its resize, flip, features and proposals."""
+
+    flip: bool
+    size: tuple[int, int]  # (h, w) after the resize, before padding
+    features: dict[str, Tensor]
+    proposals: Tensor  # (R, 4) in the view's coordinates
+
+
+def detect(model: nn.Module, images: list[Tensor], test: TestConfig) -> list[dict[str, Tensor]]:
+    """Detections of every image under the test-time tricks of `test`.
+
+    Args:
+        model: a `PANet` (any torchvision-style GeneralizedRCNN with RoIHeads), in eval mode.
+        images: (3, H, W) float images in [0, 1].
+        test: which tricks to use.
+
+    Returns:
+        Per image {"boxes" (N, 4) x1y1x2y2, "labels" (N,), "scores" (N,), "masks" (N, 1, H, W)
+        probabilities (with a mask head)} at the original image size, as the model returns.
+    """
+    return [_detect_one(model, image, test) for image in images]
+
+
+def _detect_one(model: nn.Module, image: Tensor, test: TestConfig) -> dict[str, Tensor]:
+    rh = model.roi_heads
+    h, w = image.shape[-2:]
+    scales = test.scales or (model.transform.min_size[-1],)
+    max_size = test.max_size or model.transform.max_size
+    views, pooled = [], []
+    for scale in scales:
+        for flip in (False, True) if test.flip else (False,):
+            view = _view(model, image, scale, max_size, flip)
+            views.append(view)
+            boxes, scores, labels = _box_candidates(model, view)
+            pooled.append((_to_image(boxes, view, (h, w)), scores, labels))
+    boxes = torch.cat([p[0] for p in pooled])
+    scores = torch.cat([p[1] for p in pooled])
+    labels = torch.cat([p[2] for p in pooled])
+    keep = box_ops.batched_nms(boxes, scores, labels, rh.nms_thresh)[: rh.detections_per_img]
+    out = {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
+    if test.box_vote:
+        out["boxes"] = box_voting(
+            out["boxes"], out["labels"], boxes, scores, labels, test.box_vote_iou
+        )
+    if not rh.has_mask():
+        return out
+    probs = _mask_probs(model, views, out["boxes"], out["labels"], (h, w))
+    masks = paste_masks_in_image(probs[:, None], out["boxes"], (h, w))  # (N, 1, H, W)
+    if test.mask_vote and len(keep):
+        top = scores.argsort(descending=True)[: rh.detections_per_img]
+        pool_probs = _mask_probs(model, views, boxes[top], labels[top], (h, w))
+        pool = paste_masks_in_image(pool_probs[:, None], boxes[top], (h, w))[:, 0]
+        masks = mask_voting(
+            masks[:, 0], out["labels"], pool, scores[top], labels[top], test.mask_vote_iou
+        )[:, None]
+    out["masks"] = masks
+    return out
+
+
+def _view(model: nn.Module, image: Tensor, scale: int, max_size: int, flip: bool) -> View:
+    """Resize (short side `scale`, long side <= `max_size`) and flip, then backbone and RPN."""
+    t = model.transform
+    x = t.normalize(image.flip(-1) if flip else image)
+    x, _ = _resize_image_and_masks(x, scale, max_size, None, t.fixed_size)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    batch = ImageList(t.batch_images([x], size_divisible=t.size_divisible), [size])
+    features = model.backbone(batch.tensors)
+    if isinstance(features, Tensor):
+        features = {"0": features}
+    proposals, _ = model.rpn(batch, features)
+    return View(flip, size, features, proposals[0])
+
+
+def _box_candidates(model: nn.Module, view: View) -> tuple[Tensor, Tensor, Tensor]:
+    """Class-specific boxes of a view above the score threshold, before NMS.
+
+    `RoIHeads.postprocess_detections` without its NMS and top-k.
+
+    Returns:
+        boxes (K, 4) in view coordinates, scores (K,), labels (K,) in 1..C-1.
+    """
+    rh = model.roi_heads
+    feats = rh.box_head(rh.box_roi_pool(view.features, [view.proposals], [view.size]))
+    class_logits, box_regression = rh.box_predictor(feats)
+    boxes = rh.box_coder.decode(box_regression, [view.proposals])  # (R, C, 4)
+    boxes = box_ops.clip_boxes_to_image(boxes, view.size)
+    scores = F.softmax(class_logits, -1)  # (R, C)
+    labels = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    # Drop the background; every (RoI, class) pair is a candidate: (R, C - 1, 4) -> (K, 4)
+    boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:]
+    labels = labels.reshape(-1)
+    keep = torch.where(scores > rh.score_thresh)[0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def _flip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Mirror x1y1x2y2 boxes in an image `width` pixels wide."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def _to_image(boxes: Tensor, view: View, image_size: tuple[int, int]) -> Tensor:
+    """View coordinates -> original image coordinates."""
+    boxes = resize_boxes(boxes, view.size, image_size)
+    return _flip_boxes(boxes, image_size[1]) if view.flip else boxes
+
+
+def _to_view(boxes: Tensor, view: View, image_size: tuple[int, int]) -> Tensor:
+    """Original image coordinates -> view coordinates."""
+    if view.flip:
+        boxes = _flip_boxes(boxes, image_size[1])
+    return resize_boxes(boxes, image_size, view.size)
+
+
+def _mask_probs(
+    model: nn.Module,
+    views: list[View],
+    boxes: Tensor,
+    labels: Tensor,
+    image_size: tuple[int, int],
+) -> Tensor:
+    """Mask probabilities of `boxes` (image coordinates) for their labels, averaged over views.
+
+    Returns:
+        (N, M, M) probabilities in each box's frame (M = 2 x mask pool size).
+    """
+    rh = model.roi_heads
+    total: Tensor | None = None
+    for view in views:
+        rois = _to_view(boxes, view, image_size)
+        logits = rh.mask_predictor(
+            rh.mask_head(rh.mask_roi_pool(view.features, [rois], [view.size]))
+        )  # (N, C, M, M)
+        probs = logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+        if view.flip:
+            probs = probs.flip(-1)  # the box frame of a flipped view is mirrored too
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(views)
+
+
+def box_voting(
+    kept_boxes: Tensor,
+    kept_labels: Tensor,
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    iou_threshold: float,
+) -> Tensor:
+    """Replace each kept box by the score-weighted mean of the candidates that vote for it.
+
+    A candidate votes for a kept box of its own class that it overlaps with IoU >= threshold.
+    Scores are left as they are (Detectron's "ID" scoring).
+
+    Args:
+        kept_boxes: (N, 4) boxes after NMS; kept_labels: (N,).
+        boxes, scores, labels: (K, 4), (K,), (K,): every candidate before NMS.
+        iou_threshold: the smallest IoU of a voter.
+
+    Returns:
+        (N, 4) voted boxes; a kept box without voters stays as it is.
+    """
+    if kept_boxes.numel() == 0 or boxes.numel() == 0:
+        return kept_boxes
+    iou = box_ops.box_iou(kept_boxes, boxes)  # (N, K)
+    votes = (iou >= iou_threshold) & (kept_labels[:, None] == labels[None, :])
+    weights = votes.to(scores.dtype) * scores[None, :]  # (N, K)
+    total = weights.sum(dim=1, keepdim=True)
+    voted = (weights @ boxes) / total.clamp(min=torch.finfo(total.dtype).tiny)
+    return torch.where(total > 0, voted, kept_boxes)
+
+
+def mask_voting(
+    masks: Tensor,
+    mask_labels: Tensor,
+    pool: Tensor,
+    pool_scores: Tensor,
+    pool_labels: Tensor,
+    iou_threshold: float,
+    mask_threshold: float = 0.5,
+) -> Tensor:
+    """Replace each mask by the score-weighted mean of the pool masks that vote for it.
+
+    A pool mask votes for a mask of its own class whose binary mask (probability >
+    `mask_threshold`) it overlaps with IoU >= threshold.
+
+    Args:
+        masks: (N, H, W) probabilities; mask_labels: (N,).
+        pool: (P, H, W) probabilities of the candidates; pool_scores, pool_labels: (P,).
+        iou_threshold: the smallest mask IoU of a voter.
+        mask_threshold: probability above which a pixel is foreground.
+
+    Returns:
+        (N, H, W) voted probabilities; a mask without voters stays as it is.
+    """
+    if masks.numel() == 0 or pool.numel() == 0:
+        return masks
+    a = (masks > mask_threshold).flatten(1).to(torch.float32)  # (N, H, W) -> (N, H * W)
+    b = (pool > mask_threshold).flatten(1).to(torch.float32)  # (P, H, W) -> (P, H * W)
+    inter = a @ b.T  # (N, P)
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    iou = inter / union.clamp(min=1.0)
+    votes = (iou >= iou_threshold) & (mask_labels[:, None] == pool_labels[None, :])
+    weights = votes.to(pool.dtype) * pool_scores[None, :]  # (N, P)
+    total = weights.sum(dim=1)
+    voted = (weights @ pool.flatten(1)) / total.clamp(min=torch.finfo(total.dtype).tiny)[:, None]
+    voted = voted.view_as(masks)  # (N, H * W) -> (N, H, W)
+    return torch.where((total > 0)[:, None, None], voted, masks)

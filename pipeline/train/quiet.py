@@ -1,0 +1,79 @@
+"""A run's console output kept to what the user needs.
+
+Ray, Ray Data and MLflow print expected messages that look like problems: a token-auth
+warning, `tqdm is not installed`, a deprecation warning raised by Ray's own ingest defaults,
+an error-level line about the Ray Train preemption watcher's actor arguments, MLflow's pickle
+caution for the model we log on purpose, and Ray Train's per-report line that shows every
+rank's placeholder metrics (`segm_AP: -1.0` on ranks that did not evaluate). Each is switched
+off at its source, by its exact message or setting, so real warnings and errors still show.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# For a local instance started by the driver (a cluster's own settings are left alone).
+LOCAL_RAY_ENV = {
+    # Ray turns token auth on for a new local instance and warns that it did; asking for it
+    # explicitly keeps it on without the warning.
+    "RAY_AUTH_MODE": "token",
+    # One machine has no preemptible nodes; the watcher's actor logs an error-level
+    # `core_worker.cc ... PreemptionWatcher` line at every start. Read by the Train controller.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+# (logger name, message prefix) of expected records dropped in the driver.
+DRIVER_RECORDS = (("ray.experimental.tqdm_ray", "tqdm is not installed"),)
+# (logger name, message prefix) dropped in train and eval workers.
+WORKER_RECORDS = (("mlflow.pytorch", "Saving pytorch model by Pickle"),)
+# Ray Train V2 names this logger by its file path; it logs every report of every rank at INFO.
+TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+# Ray Train's own `DataConfig.default_ingest_options` sets the deprecated option it warns about.
+RAY_DEPRECATION = r"`ExecutionOptions.exclude_resources` is deprecated"
+
+
+class DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _drop(records: tuple[tuple[str, str], ...]) -> None:
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, prefix in records:
+        by_logger[name] = (*by_logger.get(name, ()), prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(prefixes))
+
+
+def quiet_local_ray() -> None:
+    """Settings for a local Ray instance; call before `ray.init` starts it (env wins)."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def quiet_driver() -> None:
+    """Drop the driver's expected Ray messages (`DRIVER_RECORDS`, Ray's own deprecation)."""
+    _drop(DRIVER_RECORDS)
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", message=RAY_DEPRECATION, category=RayDeprecationWarning)
+
+
+def quiet_worker() -> None:
+    """Ray's `worker_process_setup_hook` of train and eval workers (see `worker_env`)."""
+    import importlib.util
+
+    _drop(WORKER_RECORDS)
+    spec = importlib.util.find_spec(TRAIN_REPORT_LOGGER_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
