@@ -210,8 +210,9 @@ def box_voting(
     votes = (iou >= iou_threshold) & (kept_labels[:, None] == labels[None, :])
     weights = votes.to(scores.dtype) * scores[None, :]  # (N, K)
     total = weights.sum(dim=1, keepdim=True)
-    voted = (weights @ boxes) / total.clamp(min=torch.finfo(total.dtype).tiny)
-    return torch.where(total > 0, voted, kept_boxes)
+    # The mean as a shift of the kept box, so identical voters leave it exactly as it is.
+    shift = (weights[:, :, None] * (boxes[None, :, :] - kept_boxes[:, None, :])).sum(1)  # (N, 4)
+    return kept_boxes + shift / total.clamp(min=torch.finfo(total.dtype).tiny)
 
 
 def mask_voting(
