@@ -9,7 +9,6 @@ from functools import partial
 
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import AnchorGenerator, RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
@@ -27,6 +26,7 @@ from panet_model.heads import (
     FullyConnectedFusion,
     MaskHead,
     MaskPredictor,
+    PANetRoIHeads,
 )
 from panet_model.model import PANet
 from panet_model.norm import SyncBatchNorm, make_norm
@@ -145,7 +145,7 @@ def build_pooler(cfg: PANetConfig, size: int) -> MultiScaleRoIAlign:
     )
 
 
-def build_roi_heads(cfg: PANetConfig, channels: int, num_classes: int) -> RoIHeads:
+def build_roi_heads(cfg: PANetConfig, channels: int, num_classes: int) -> PANetRoIHeads:
     a, bh, mh = cfg.afp, cfg.box_head, cfg.mask_head
     afp = AFPSpec(len(FEATURE_NAMES) if a.enabled else 0, a.fusion, a.position, a.impl)
     box_head: nn.Module
@@ -179,7 +179,7 @@ def build_roi_heads(cfg: PANetConfig, channels: int, num_classes: int) -> RoIHea
         )
         mask_predictor = MaskPredictor(mh.channels, mh.channels, num_classes, mh.ff.fusion)
     r = cfg.roi
-    return RoIHeads(
+    return PANetRoIHeads(
         build_pooler(cfg, bh.pool_size),
         box_head,
         BoxPredictor(bh.representation_size, num_classes, bh.class_agnostic),
@@ -194,4 +194,5 @@ def build_roi_heads(cfg: PANetConfig, channels: int, num_classes: int) -> RoIHea
         mask_roi_pool=mask_pool,
         mask_head=mask_head,
         mask_predictor=mask_predictor,
+        smooth_l1_beta=bh.smooth_l1_beta,
     )

@@ -91,6 +91,7 @@ class BoxHeadConfig:
     num_convs: int = 4  # convs of the 4conv1fc head (the first one is per level under AFP)
     norm: NeckNorm = "none"  # norm after each fc/conv (MBN: all new layers)
     class_agnostic: bool = False  # one box regressor for all classes (Detectron option)
+    smooth_l1_beta: float = 1 / 9  # box loss beta: torchvision's 1/9; Detectron, authors: 1.0
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ class PANetConfig:
         ):
             require(self._get(key) > 0, key, "a positive integer")
         require(len(self.transform.min_size) > 0, "transform.min_size", "at least one size")
+        require(self.box_head.smooth_l1_beta >= 0, "box_head.smooth_l1_beta", ">= 0 (0: L1)")
         t = self.test
         require(all(v > 0 for v in t.scales), "test.scales", "positive short sides")
         require(t.max_size >= 0, "test.max_size", ">= 0 (0: transform.max_size)")

@@ -8,10 +8,13 @@ their first parameter layer (`fu.fc1fc2`) or after it (`fc1fu.fc2`, per-level la
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 
 from panet_model.afp import LevelConv2d, LevelFusion, LevelLinear, level_norm_or_none
 from panet_model.layers import conv_norm_relu
@@ -317,3 +320,70 @@ class MaskPredictor(MaskRCNNPredictor):
         if self.ff_fusion == "max":
             return torch.maximum(logits, ff)
         return logits * ff
+
+
+TORCHVISION_SMOOTH_L1_BETA = 1 / 9  # torchvision's `fastrcnn_loss`, fixed there
+
+
+def box_regression_loss(
+    box_regression: Tensor, labels: list[Tensor], regression_targets: list[Tensor], beta: float
+) -> Tensor:
+    """Fast R-CNN's box loss with a chosen smooth-L1 `beta` (torchvision's is fixed at 1/9).
+
+    Args:
+        box_regression: (K, 4 * num_classes) predicted deltas of the K sampled RoIs.
+        labels: per image (k_i,) sampled labels, 0 = background.
+        regression_targets: per image (k_i, 4) target deltas.
+        beta: smooth-L1 switch point; 0 is L1.
+
+    Returns:
+        The summed loss of the positive RoIs over the number of sampled RoIs, as torchvision.
+    """
+    labels_all = torch.cat(labels, dim=0)
+    targets = torch.cat(regression_targets, dim=0)
+    positive = torch.where(labels_all > 0)[0]
+    deltas = box_regression.reshape(box_regression.shape[0], -1, 4)  # (K, 4C) -> (K, C, 4)
+    loss = nn.functional.smooth_l1_loss(
+        deltas[positive, labels_all[positive]], targets[positive], beta=beta, reduction="sum"
+    )
+    return loss / labels_all.numel()
+
+
+class PANetRoIHeads(RoIHeads):
+    """torchvision's `RoIHeads` whose box loss takes the smooth-L1 `beta` as an argument.
+
+    At torchvision's 1/9 it is torchvision's code path unchanged. Otherwise the sampled labels
+    and targets and the predictor's deltas of the same forward give the box loss again with
+    `beta` (torchvision's 1/9 loss is computed too, and left out of the graph's sum).
+    """
+
+    def __init__(self, *args: Any, smooth_l1_beta: float = TORCHVISION_SMOOTH_L1_BETA, **kw: Any):
+        super().__init__(*args, **kw)
+        self.smooth_l1_beta = smooth_l1_beta
+        self._sampled: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def select_training_samples(self, proposals: Any, targets: Any) -> Any:
+        out = super().select_training_samples(proposals, targets)
+        self._sampled = (out[2], out[3])  # labels, regression_targets
+        return out
+
+    def forward(self, features: Any, proposals: Any, image_shapes: Any, targets: Any = None) -> Any:
+        if not self.training or self.smooth_l1_beta == TORCHVISION_SMOOTH_L1_BETA:
+            return super().forward(features, proposals, image_shapes, targets)
+        seen: dict[str, Tensor] = {}
+
+        def keep(module: nn.Module, inputs: Any, output: tuple[Tensor, Tensor]) -> None:
+            seen["deltas"] = output[1]
+
+        hook = self.box_predictor.register_forward_hook(keep)
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            hook.remove()
+        assert self._sampled is not None
+        labels, regression_targets = self._sampled
+        self._sampled = None
+        losses["loss_box_reg"] = box_regression_loss(
+            seen["deltas"], labels, regression_targets, self.smooth_l1_beta
+        )
+        return result, losses
