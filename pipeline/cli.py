@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    from pipeline.tune.cli import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
     from pipeline.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)

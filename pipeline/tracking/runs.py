@@ -369,6 +369,85 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
         )
 
 
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set tags on a run (values become strings, clipped to MLflow's limit); retries, raises.
+
+    Args:
+        tracking_uri: the run's store.
+        run_id: the run.
+        tags: {name: value}.
+    """
+    from mlflow.entities import RunTag
+
+    items = [
+        RunTag(_sanitize_name(str(k)), _clip(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()
+    ]
+    client = _client(tracking_uri)
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        chunk = items[start : start + MAX_PARAMS_PER_BATCH]
+        _retry(partial(client.log_batch, run_id, tags=chunk), "log_batch(tags)")
+
+
+def source_tags(entry_point: str, git_commit: str) -> dict[str, str]:
+    """MLflow's system tags that fill a run page's "Source" and "Git commit" fields.
+
+    Args:
+        entry_point: what started the run, e.g. "panet train".
+        git_commit: the repository's commit ("unknown" leaves the commit tag out).
+    """
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB"}
+    if git_commit and git_commit != "unknown":
+        tags["mlflow.source.git.commit"] = git_commit
+    return tags
+
+
+def log_dataset_inputs(tracking_uri: str, run_id: str, datasets: list[dict[str, Any]]) -> None:
+    """Record the run's data as MLflow dataset inputs (the run page's "Datasets" field).
+
+    Logging the same dataset again (a resumed run) is a no-op in MLflow: same name and digest.
+
+    Args:
+        tracking_uri: the run's store.
+        run_id: the run.
+        datasets: one dict a split: `name`, `source` (a URI), `digest` (the shard manifest's
+            fingerprint), `context` ("training" / "validation"), `rows`.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for d in datasets:
+        profile = json.dumps({"num_rows": int(d["rows"])})
+        dataset = Dataset(
+            name=str(d["name"]),
+            digest=str(d["digest"])[:36] or "unknown",  # MLflow's digest column holds 36
+            source_type="local" if str(d["source"]).startswith("file:") else "external",
+            source=json.dumps({"uri": str(d["source"])}),
+            profile=profile,
+        )
+        tags = [InputTag("mlflow.data.context", str(d["context"]))]
+        inputs.append(DatasetInput(dataset, tags))
+    client = _client(tracking_uri)
+    _retry(lambda: client.log_inputs(run_id, datasets=inputs), "log_inputs")
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
+    """The runs nested under `parent_run_id` (tag `mlflow.parentRunId`), oldest first."""
+    client = _client(tracking_uri)
+    parent = _retry(lambda: client.get_run(parent_run_id), "get_run")
+    return list(
+        _retry(
+            lambda: client.search_runs(
+                [parent.info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                max_results=5000,
+                order_by=["attributes.start_time ASC"],
+            ),
+            "search_runs",
+        )
+    )
+
+
+
 # ---------------------------------------------------------------------------------------------
 # Params and metrics
 

@@ -261,11 +261,23 @@ def versions() -> dict[str, str]:
     }
 
 
-def open_run(job: JobConfig, plan: Plan) -> tuple[str, str]:
+def open_run(
+    job: JobConfig,
+    plan: Plan,
+    tags: dict[str, Any] | None = None,
+    entry_point: str = "panet train",
+) -> tuple[str, str]:
     """The job's MLflow run: created once, then resumed by every re-run of the same job name.
 
     The run id lives in `<storage>/<name>/mlflow_run.json` (and in every checkpoint), so a
-    resumed or restarted job logs into the same run and never creates a duplicate.
+    resumed or restarted job logs into the same run and never creates a duplicate. The run
+    records its source (entry point, git commit) and its train and val shards as datasets.
+
+    Args:
+        job: the job.
+        plan: from `preflight`.
+        tags: more tags for the run (a Tune trial: `mlflow.parentRunId`, its overrides).
+        entry_point: the run's "Source" in the MLflow UI.
 
     Returns:
         (tracking_uri, run_id)
@@ -277,15 +289,16 @@ def open_run(job: JobConfig, plan: Plan) -> tuple[str, str]:
     record = job.run_dir / RUN_RECORD
     previous = json.loads(record.read_text()) if record.is_file() else {}
     run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
-    run_id = tracking.start_or_resume_run(
-        uri, job.tracking.experiment, job.name, run_id, tags={"job": job.name}
-    )
+    commit = git_commit()
+    run_tags = {"job": job.name, **tracking.source_tags(entry_point, commit), **(tags or {})}
+    run_id = tracking.start_or_resume_run(uri, job.tracking.experiment, job.name, run_id, run_tags)
     record.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    tracking.log_dataset_inputs(uri, run_id, dataset_inputs(job, plan))
     params: dict[str, Any] = dict(job.flat())
     params.update(versions())
     params.update(
         {
-            "git_commit": git_commit(),
+            "git_commit": commit,
             "world_size": job.scaling.num_workers,
             "data.manifest_id": plan.manifest_id,
             "data.train_rows": plan.train_rows,
@@ -299,8 +312,43 @@ def open_run(job: JobConfig, plan: Plan) -> tuple[str, str]:
     return uri, run_id
 
 
-def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) -> Any:
-    """A `TorchTrainer` for the job: DDP workers fed by the Ray Data reader."""
+def dataset_inputs(job: JobConfig, plan: Plan) -> list[dict[str, Any]]:
+    """The job's train and val shards as MLflow dataset inputs (`tracking.log_dataset_inputs`)."""
+
+    def uri(path: str) -> str:
+        return path if "://" in path else Path(path).resolve().as_uri()
+
+    return [
+        {
+            "name": Path(path).name or path,
+            "source": uri(path),
+            "digest": digest,
+            "context": context,
+            "rows": rows,
+        }
+        for path, digest, context, rows in (
+            (job.data.train, plan.manifest_id, "training", plan.train_rows),
+            (job.data.val, plan.val_manifest_id, "validation", plan.val_rows),
+        )
+    ]
+
+
+def build_trainer(
+    job: JobConfig,
+    plan: Plan,
+    tracking_uri: str,
+    run_id: str,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """A `TorchTrainer` for the job: DDP workers fed by the Ray Data reader.
+
+    Args:
+        job: the job (its name and `checkpoint.storage_path` place the Ray Train run).
+        plan: from `preflight`.
+        tracking_uri: the job's MLflow store.
+        run_id: the job's MLflow run.
+        callbacks: Ray Train callbacks (a Tune trial passes its report callback).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -342,6 +390,7 @@ def build_trainer(job: JobConfig, plan: Plan, tracking_uri: str, run_id: str) ->
             ),
             failure_config=FailureConfig(max_failures=job.ray.max_failures),
             worker_runtime_env=worker_env(),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ReaderDataConfig(

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps: sweep files -> Tuner; a trial is build_trainer(...).fit()."""

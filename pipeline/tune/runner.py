@@ -1,0 +1,376 @@
+"""Driver side of a sweep: checks, Ray, the MLflow parent run, the Tuner, the results.
+
+The sweep lives in `<checkpoint.storage_path>/sweeps/<name>/`: Tune's experiment state, the
+parent run's id (`sweep_run.json`), the expanded trials (`sweep.json`), each trial's Ray Train
+run and job directory (`trials/<trial>/`) and the results. Running the same sweep name again
+restores it (`Tuner.restore`): finished and early-stopped trials are kept, an interrupted one
+continues from its checkpoint in the same MLflow child run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.tune.results import Row, best_row, status_of, write_results
+from pipeline.tune.sweep import Sweep, Trial, asha_rungs, check_trials, trial_job
+
+SWEEP_RUN = "sweep_run.json"  # in the sweep directory: the parent run's id and store
+SWEEP_RECORD = "sweep.json"  # in the sweep directory: the sweep and its expanded trials
+STATE_API_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A sweep checked without Ray: its trials' job configs and where everything goes."""
+
+    sweep: Sweep
+    trials: list[Trial]
+    jobs: list[JobConfig]
+    base: dict[str, Any]  # the base job, flat, absolute paths
+    base_job: JobConfig
+    sweep_dir: Path
+    tracking_uri: str
+
+    @property
+    def max_steps(self) -> int:
+        return max(j.solver.max_steps for j in self.jobs)
+
+
+def sweep_tracking_uri(job: JobConfig, storage: Path) -> str:
+    """The store every run of a sweep shares: MLFLOW_TRACKING_URI, tracking.uri, or
+    `sqlite:///<storage>/sweeps/mlflow.db` on a local cluster.
+
+    A per-job SQLite file cannot hold a parent and its children; a cluster with more than one
+    node cannot share a local SQLite file either: there a server is required.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip() or job.tracking.uri.strip()
+    address = job.ray.address or os.environ.get("RAY_ADDRESS", "")
+    host = address.split("://")[-1].split(":")[0]
+    if not uri:
+        if address and host not in ("", "127.0.0.1", "localhost", "auto"):
+            raise ValueError(
+                "config key 'tracking.uri': a sweep on the cluster at "
+                f"{address!r} needs an MLflow tracking server every node reaches "
+                "(set tracking.uri or MLFLOW_TRACKING_URI)"
+            )
+        uri = f"sqlite:///{storage.resolve() / 'sweeps' / 'mlflow.db'}"
+    return uri
+
+
+def prepare(sweep: Sweep, trials: list[Trial], base_job: JobConfig, base: dict) -> Prepared:
+    """Every trial's job config, validated (a bad key fails here, naming trial and key)."""
+    storage = Path(base_job.checkpoint.storage_path)
+    sweep_dir = storage.resolve() / "sweeps" / sweep.name
+    uri = sweep_tracking_uri(base_job, storage)
+    jobs = [trial_job(base, t, sweep_dir, uri) for t in trials]
+    check_trials(sweep, trials, jobs)
+    return Prepared(sweep, trials, jobs, base, base_job, sweep_dir, uri)
+
+
+def check_record(p: Prepared) -> bool:
+    """Compare with the sweep directory's record; True if the sweep exists (a restore).
+
+    Raises:
+        ValueError: the name is taken by a sweep with other trials or another base config.
+    """
+    record = p.sweep_dir / SWEEP_RECORD
+    mine = {
+        "trials": [asdict(t) for t in p.trials],
+        "base": p.base,
+    }
+    mine = json.loads(json.dumps(mine, default=str))
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        for key in ("trials", "base"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(
+                    f"sweep {p.sweep.name!r} already exists in {str(p.sweep_dir)!r} with other "
+                    f"{'trials' if key == 'trials' else 'base config'}: re-running a sweep name "
+                    "resumes it, so run under a new name (--name) or remove that directory"
+                )
+        return True
+    p.sweep_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({**mine, "sweep": p.sweep.to_dict()}, indent=1, default=str))
+    return False
+
+
+def trial_needs(job: JobConfig) -> dict[str, float]:
+    """Logical resources one trial holds: its workers, one Ray Data task, its own actor."""
+    from pipeline.tune.trial import TRIAL_CPU
+
+    s = job.scaling
+    needs = {"CPU": s.num_workers * s.cpus_per_worker + job.data.decode_cpus + TRIAL_CPU}
+    if s.use_gpu:
+        needs["GPU"] = float(s.num_workers)
+    return needs
+
+
+def concurrency(p: Prepared, cluster: dict[str, float]) -> int:
+    """How many trials run at once: what the cluster holds, capped by the sweep's setting.
+
+    Raises:
+        ValueError: naming the config key, if the cluster cannot hold one trial.
+    """
+    fits = len(p.trials)
+    for job in p.jobs:
+        for res, need in trial_needs(job).items():
+            have = cluster.get(res, 0.0)
+            n = int(have / need + 1e-9) if need > 0 else fits
+            if n < 1:
+                s = job.scaling
+                raise ValueError(
+                    f"config key 'scaling.num_workers': a trial needs {need:g} {res} "
+                    f"({s.num_workers} workers x {s.cpus_per_worker:g} CPU, "
+                    f"{job.data.decode_cpus:g} for Ray Data and the trial's own actor), "
+                    f"but the cluster has {have:g}"
+                )
+            fits = min(fits, n)
+    return min(fits, p.sweep.concurrency) if p.sweep.concurrency else fits
+
+
+def connect(job: JobConfig, jobs: list[JobConfig]) -> None:
+    """Join the configured cluster, or start a local one with the dashboard.
+
+    Ray Train removes a stopped trial's worker placement group through a cleaner that asks
+    the dashboard's state API whether the trial's controller is alive; without it a stopped
+    trial's placement group stays and every later trial waits for workers.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = job.ray.address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            ray.init(address=address)
+        else:
+            need = max(trial_needs(j)["CPU"] for j in jobs) + 1
+            num_cpus = job.ray.num_cpus or math.ceil(max(os.cpu_count() or 1, need))
+            ray.init(num_cpus=num_cpus, include_dashboard=True)
+    check_state_api()
+
+
+def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
+    """Fail with a message, not a hang, if the cluster's state API does not answer."""
+    from ray.util.state import list_placement_groups
+
+    try:
+        list_placement_groups(limit=1, timeout=int(timeout), raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 - any failure means no cleaner: say so
+        raise ValueError(
+            "the Ray cluster's state API (dashboard) does not answer: Ray Train's placement "
+            "group cleaner needs it to free a stopped trial's workers; start the cluster with "
+            f"the dashboard (ray start --include-dashboard=true) ({type(err).__name__}: {err})"
+        ) from err
+
+
+def open_parent(p: Prepared) -> str:
+    """The sweep's MLflow parent run: created once, its id kept in the sweep directory."""
+    from pipeline.tracking import runs as tracking
+    from pipeline.train.driver import git_commit
+
+    record = p.sweep_dir / SWEEP_RUN
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    run_id = saved.get("run_id") if saved.get("tracking_uri") == p.tracking_uri else None
+    tags = {
+        "sweep.name": p.sweep.name,
+        "sweep.kind": "parent",
+        **tracking.source_tags("panet tune", git_commit()),
+    }
+    run_id = tracking.start_or_resume_run(
+        p.tracking_uri, p.base_job.tracking.experiment, p.sweep.name, run_id, tags
+    )
+    p.sweep_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run_id, "tracking_uri": p.tracking_uri}))
+    params = {
+        "sweep.name": p.sweep.name,
+        "sweep.file": p.sweep.path,
+        "sweep.metric": p.sweep.metric,
+        "sweep.mode": p.sweep.mode,
+        "sweep.scheduler": p.sweep.scheduler,
+        "sweep.samples": p.sweep.samples,
+        "sweep.trials": len(p.trials),
+        "sweep.max_failures": p.sweep.max_failures,
+    }
+    tracking.log_params(p.tracking_uri, run_id, params)
+    tracking.log_artifact_file(p.tracking_uri, run_id, p.sweep.path, "sweep")
+    tracking.log_dict(p.tracking_uri, run_id, p.base_job.to_dict(), "sweep/base_config.json")
+    space = {"set": p.sweep.set, "search": p.sweep.search}
+    space["variants"] = [asdict(v) for v in p.sweep.variants]
+    tracking.log_dict(p.tracking_uri, run_id, space, "sweep/search_space.json")
+    tracking.log_dict(p.tracking_uri, run_id, [asdict(t) for t in p.trials], "sweep/trials.json")
+    return run_id
+
+
+def trial_name(trial: Any) -> str:
+    """Tune's name for a trial: the sweep's trial name and Tune's id."""
+    return f"{trial.config['trial']['name']}_{trial.trial_id}"
+
+
+def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: bool) -> Any:
+    """A new Tuner for the sweep's trials, or the restored one of an interrupted sweep."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pipeline.tune.callbacks import SweepTracker
+    from pipeline.tune.trial import TRIAL_CPU, run_trial
+
+    setup = {
+        "base": p.base,
+        "sweep_dir": str(p.sweep_dir),
+        "tracking_uri": p.tracking_uri,
+        "parent_run_id": parent_run_id,
+        "sweep": p.sweep.name,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPU}
+    )
+    if restore and tune.Tuner.can_restore(str(p.sweep_dir)):
+        return tune.Tuner.restore(
+            str(p.sweep_dir), trainable, resume_unfinished=True, resume_errored=False
+        )
+    if p.sweep.scheduler == "asha":
+        every = p.jobs[0].eval.every_steps
+        scheduler: Any = ASHAScheduler(
+            time_attr="step",  # Tune's iteration count restarts when a trial is restored
+            max_t=p.max_steps,
+            grace_period=p.sweep.grace_period or every,
+            reduction_factor=p.sweep.reduction_factor,
+            stop_last_trials=False,  # a trial reaching max_steps logs its model and closes
+        )
+    else:
+        scheduler = FIFOScheduler()
+    space = {"trial": tune.grid_search([asdict(t) for t in p.trials])}
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=p.sweep.metric,
+            mode=p.sweep.mode,
+            scheduler=scheduler,
+            num_samples=1,  # the trials are expanded up front (pipeline.tune.sweep)
+            max_concurrent_trials=max_concurrent,
+            reuse_actors=False,  # a stopped trial's actor exits, and its Train run with it
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=p.sweep.name,
+            storage_path=str(p.sweep_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=p.sweep.max_failures),
+            callbacks=[SweepTracker(p.tracking_uri, parent_run_id, p.max_steps)],
+            verbose=1,
+        ),
+    )
+
+
+def collect(p: Prepared, grid: Any) -> list[Row]:
+    """One row a trial, in the sweep's order, from Tune's result grid."""
+    by_name = {}
+    for trial in grid._experiment_analysis.trials:
+        by_name[trial.config["trial"]["name"]] = trial
+    rows = []
+    for t in p.trials:
+        trial = by_name.get(t.name)
+        last = dict(getattr(trial, "last_result", None) or {}) if trial else {}
+        step = int(last.get("step", 0) or 0)
+        status = (
+            status_of(
+                trial.status == "ERROR",
+                trial.status in ("TERMINATED", "ERROR"),
+                step,
+                p.max_steps,
+            )
+            if trial
+            else "unfinished"
+        )
+        nan = math.nan
+        rows.append(
+            Row(
+                trial=t.name,
+                overrides=t.overrides,
+                steps=step,
+                bbox_AP=float(last.get("bbox_AP", nan)) if step else nan,
+                segm_AP=float(last.get("segm_AP", nan)) if step else nan,
+                status=status,
+                paper=t.paper,
+                metric=float(last.get(p.sweep.metric, nan)) if step else nan,
+            )
+        )
+    return rows
+
+
+def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
+    """Results to the sweep directory and the parent run; the best trial marked."""
+    from pipeline.tracking import runs as tracking
+    from pipeline.tune.trial import TRIAL_TAG
+
+    uri = p.tracking_uri
+    title = f"sweep {p.sweep.name}: COCO AP per trial" + (
+        " (hatched: the paper's)" if any(r.paper for r in rows) else ""
+    )
+    paths = write_results(rows, p.sweep_dir / "results", title, p.sweep.set)
+    for path in paths.values():
+        tracking.log_artifact_file(uri, parent_run_id, path, "results")
+    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "early-stopped", "failed")}
+    tracking.log_metrics(uri, parent_run_id, {f"trials_{k}": v for k, v in counts.items()}, 0)
+    best = best_row(rows, p.sweep.mode)
+    if best is not None:
+        tracking.log_params(uri, parent_run_id, {"best.trial": best.trial})
+        tracking.log_params(uri, parent_run_id, {f"best.{k}": v for k, v in best.overrides.items()})
+        metrics = {"best.steps": best.steps, "best.bbox_AP": best.bbox_AP}
+        metrics.update({"best.segm_AP": best.segm_AP, f"best.{p.sweep.metric}": best.metric})
+        tracking.log_metrics(uri, parent_run_id, metrics, best.steps)
+        for run in tracking.child_runs(uri, parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) == best.trial:
+                tracking.set_tags(uri, run.info.run_id, {"sweep.best": "true"})
+        tracking.set_tags(uri, parent_run_id, {"sweep.best_trial": best.trial})
+    unfinished = any(r.status == "unfinished" for r in rows)
+    tracking.finish_run(uri, parent_run_id, "KILLED" if unfinished else "FINISHED")
+    return {"rows": rows, "best": best, "paths": paths, "unfinished": unfinished}
+
+
+def run_sweep(p: Prepared) -> dict[str, Any]:
+    """Check, connect, open the parent run, run (or restore) the Tuner, report.
+
+    Returns:
+        {"rows", "best", "paths", "unfinished", "tracking_uri", "parent_run_id",
+        "sweep_dir", "elapsed_s"}.
+    """
+    from pipeline.train.driver import preflight
+
+    t0 = time.perf_counter()
+    for job in p.jobs:
+        preflight(job)  # data and resume checks of every trial, before Ray starts
+    restore = check_record(p)
+    connect(p.base_job, p.jobs)
+    import ray
+
+    max_concurrent = concurrency(p, ray.cluster_resources())
+    parent = open_parent(p)
+    rungs = ""
+    if p.sweep.scheduler == "asha":
+        steps = asha_rungs(p.sweep, p.jobs[0].eval.every_steps, p.max_steps)
+        rungs = f", ASHA rungs at steps {steps}"
+    print(
+        f"[tune] sweep {p.sweep.name!r}: {len(p.trials)} trials, {max_concurrent} at a time, "
+        f"metric {p.sweep.metric} ({p.sweep.mode}){rungs}; "
+        f"{'restoring' if restore else 'starting'} in {p.sweep_dir}",
+        flush=True,
+    )
+    tuner = build_tuner(p, parent, max_concurrent, restore)
+    grid = tuner.fit()
+    rows = collect(p, grid)
+    out = finish(p, parent, rows)
+    out.update(
+        tracking_uri=p.tracking_uri,
+        parent_run_id=parent,
+        sweep_dir=str(p.sweep_dir),
+        elapsed_s=time.perf_counter() - t0,
+    )
+    return out

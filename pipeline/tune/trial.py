@@ -1,0 +1,50 @@
+"""One Tune trial: its job config, its MLflow child run, and the same `build_trainer(...).fit()`
+as `panet train`.
+
+Train V2 refuses a trainer passed to `Tuner`: a trial is a function that builds and fits a
+`TorchTrainer`; its metrics reach Tune through Ray's `TuneReportCallback` on the Train
+controller. A re-run of the trial (a restored sweep, a retry) resumes its Ray Train run from
+the latest checkpoint and its MLflow run from the job directory's `mlflow_run.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.tune.callbacks import PARENT_TAG, TRIAL_TAG, FreshEvalReportCallback
+from pipeline.tune.sweep import Trial, trial_job
+
+TRIAL_CPU = 0.01  # the trial actor only waits on its Train controller: 0 CPU is refused by Tune
+
+
+def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """The Tune trainable: build the trial's job, open its child run, train.
+
+    Args:
+        config: Tune's param space entry: `{"trial": Trial fields}`.
+        setup: from the driver: `base` (the flat base job), `sweep_dir`, `tracking_uri`,
+            `parent_run_id`, `sweep` (its name).
+    """
+    from pipeline.tracking import runs as tracking
+    from pipeline.train.driver import build_trainer, open_run, preflight
+
+    trial = Trial(**config["trial"])
+    job = trial_job(setup["base"], trial, Path(setup["sweep_dir"]), setup["tracking_uri"])
+    plan = preflight(job)
+    tags = {
+        PARENT_TAG: setup["parent_run_id"],
+        TRIAL_TAG: trial.name,
+        "sweep.name": setup["sweep"],
+        "sweep.overrides": json.dumps(trial.overrides, default=str),
+    }
+    uri, run_id = open_run(job, plan, tags=tags, entry_point="panet tune")
+    tracking.log_params(uri, run_id, {"sweep.trial": trial.name, "sweep.variant": trial.variant})
+    trainer = build_trainer(job, plan, uri, run_id, callbacks=[FreshEvalReportCallback()])
+    try:
+        trainer.fit()
+    except BaseException:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    tracking.finish_run(uri, run_id, "FINISHED")
