@@ -271,6 +271,7 @@ def build_training(
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function. `config` comes from `trainer.build_trainer`."""
     job: JobConfig = config["job"]
+    quiet_worker()
     rank, size = world()
     device = ray.train.torch.get_device()
     check_amp_support(job.solver.amp, device)
@@ -281,7 +282,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = load_state(d)
         step, metrics = int(state["step"]), dict(state.get("metrics", {}))
-    model, optimizer, scheduler, scaler = build_training(job, config["num_classes"], device, state)
+    # A weights file that is missing or does not fit fails once, not on every retry.
+    built = setup_or_none(
+        lambda: build_training(job, config["num_classes"], device, state),
+        job.run_dir / FAILED_FILE,
+        device,
+    )
+    if built is None:
+        return
+    model, optimizer, scheduler, scaler = built
     if state is not None and rank == 0:
         print(f"[train] resumed from the checkpoint at step {step}")
     del state
