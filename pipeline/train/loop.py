@@ -6,6 +6,7 @@ SyncBN, the NaN vote, the eval gather, `ray.train.report`) the same number of ti
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -284,7 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step, metrics = int(state["step"]), dict(state.get("metrics", {}))
     # A weights file that is missing or does not fit fails once, not on every retry.
     built = setup_or_none(
-        lambda: build_training(job, config["num_classes"], device, state),
+        functools.partial(build_training, job, config["num_classes"], device, state),
         job.run_dir / FAILED_FILE,
         device,
     )
