@@ -8,8 +8,10 @@ import argparse
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,6 +21,7 @@ import pytest
 
 from pipeline.cli import build_parser
 from pipeline.submit import (
+    JOBS,
     SubmitError,
     check_job,
     pinned_requirements,
@@ -141,6 +144,42 @@ def test_checks_refuse_bad_jobs_before_any_cluster(shards, tmp_path) -> None:
         check_job(parse("eval", "--", "--data", "x"))  # --checkpoint is required
     with pytest.raises(SubmitError, match="--config/--set are for train and tune"):
         check_job(parse("eval", "--config", CONFIG))
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_each_entrypoint_runs_its_panet_sub_command(job, monkeypatch) -> None:
+    """`python -m jobs.<job> ARGS` is `panet <sub-command> ARGS`, in the same process."""
+    import pipeline.cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(pipeline.cli, "main", lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(sys, "argv", [f"jobs/{job}.py", "--config", "x.yaml", "--set", "a=1"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"jobs.{job}", run_name="__main__")
+    assert exit_.value.code == 7
+    assert seen == [[*JOBS[job], "--config", "x.yaml", "--set", "a=1"]]
+
+
+def test_train_entrypoint_checks_a_config_like_panet_train(shards, tmp_path) -> None:
+    sets = tiny_sets(shards, tmp_path, "entry")
+    for cmd in (["-m", "jobs.train"], ["-m", "pipeline.cli", "train"]):
+        out = subprocess.run(
+            [sys.executable, *cmd, "--config", CONFIG, *sets, "--dry-run"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "config and data OK: 8 training images" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", CONFIG, "--set", "solver.max_steps=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "panet train: error: config key 'solver.max_steps'" in bad.stderr
 
 
 # ------------------------------------------------------------------------------------------
