@@ -16,16 +16,17 @@ import warnings
 
 # For a local instance started by the driver (a cluster's own settings are left alone).
 LOCAL_RAY_ENV = {
-    # Ray turns token auth on for a new local instance and warns that it did; asking for it
-    # explicitly keeps it on without the warning.
-    "RAY_AUTH_MODE": "token",
     # One machine has no preemptible nodes; the watcher's actor logs an error-level
     # `core_worker.cc ... PreemptionWatcher` line at every start. Read by the Train controller.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 # (logger name, message prefix) of expected records dropped in the driver.
-DRIVER_RECORDS = (("ray.experimental.tqdm_ray", "tqdm is not installed"),)
+DRIVER_RECORDS = (
+    ("ray.experimental.tqdm_ray", "tqdm is not installed"),
+    # A new local instance gets token auth (kept on); only the notice that it did is dropped.
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled"),
+)
 # (logger name, message prefix) dropped in train and eval workers.
 WORKER_RECORDS = (("mlflow.pytorch", "Saving pytorch model by Pickle"),)
 # Ray Train V2 names this logger by its file path; it logs every report of every rank at INFO.

@@ -153,3 +153,61 @@ def test_synth_then_convert(tmp_path, capsys, fmt):
     assert main(["data", "convert", fmt, *args, "--out", out, "--workers", "1", "--quiet"]) == 0
     manifest = shards.load_manifest(out)
     assert manifest["totals"]["records"] == 3 and manifest["skipped"] == []
+
+
+def _synth(fmt: str, out: Path, *extra: str) -> int:
+    return main(["data", "synth", "--format", fmt, "--images", "4", "--out", str(out), *extra])
+
+
+def test_synth_split_makes_a_validation_set(tmp_path, capsys):
+    root = tmp_path / "coco"
+    assert _synth("coco", root) == 0 and _synth("coco", root, "--split", "val", "--seed", "1") == 0
+    names = sorted(p.name for p in (root / "annotations").iterdir())
+    assert names == ["instances_train.json", "instances_val.json"]
+    assert len(list((root / "images" / "val").iterdir())) == 4
+    mvd = tmp_path / "mvd"
+    assert _synth("mvd", mvd, "--split", "training") == 0
+    out = str(tmp_path / "shards")
+    args = ["data", "convert", "mvd", "--root", str(mvd), "--out", out, "--workers", "1"]
+    assert main([*args, "--split", "training", "--quiet"]) == 0
+    # A split that is not there: the converter names the ones that are.
+    assert main([*args, "--split", "validation", "--quiet"]) == 2
+    assert f"split 'validation' not found; the splits under {mvd} are training" in (
+        capsys.readouterr().err
+    )
+
+
+def test_synth_refuses_to_mix_layouts(tmp_path, capsys):
+    root = tmp_path / "data"
+    assert _synth("coco", root) == 0
+    assert _synth("mvd", root) == 2
+    err = capsys.readouterr().err
+    assert "already holds a COCO data set" in err and not any(root.glob("config*.json"))
+    assert _synth("mvd", tmp_path / "mvd") == 0
+    assert _synth("coco", tmp_path / "mvd") == 2
+    assert "already holds a MVD data set" in capsys.readouterr().err
+    assert not (tmp_path / "mvd" / "annotations").exists()
+
+
+def test_a_conversion_that_keeps_nothing_fails_with_a_hint(tmp_path, capsys):
+    root = tmp_path / "coco"
+    assert _synth("coco", root) == 0
+    ann = str(root / "annotations" / "instances_train.json")
+    out = tmp_path / "out"
+    args = ["data", "convert", "coco", "--annotations", ann, "--workers", "1", "--quiet"]
+    assert main([*args, "--images", str(root / "images"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "kept 0 of 4 images" in err and "missing_image" in err and "is --images" in err
+    assert main(["data", "inspect", str(out), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert "verify: FAILED" in captured.out and "shard set is empty" in captured.err
+    # Most images missing: an error; one of four: a warning in the summary, exit 0.
+    images = sorted((root / "images" / "train").iterdir())
+    for image in images[:3]:
+        image.rename(tmp_path / image.name)
+    good = [*args, "--images", str(root / "images" / "train")]
+    assert main([*good, "--out", str(tmp_path / "most")]) == 2
+    assert "kept 1 of 4 images (3 skipped" in capsys.readouterr().err
+    for image in images[1:3]:
+        (tmp_path / image.name).rename(image)
+    assert main([*good, "--out", str(tmp_path / "some")]) == 0
