@@ -160,6 +160,18 @@ def test_each_entrypoint_runs_its_panet_sub_command(job, monkeypatch) -> None:
     assert seen == [[*JOBS[job], "--config", "x.yaml", "--set", "a=1"]]
 
 
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_each_entrypoint_reaches_the_real_sub_command(job, monkeypatch, capsys) -> None:
+    choices = build_parser()._subparsers._group_actions[0].choices  # the registered commands
+    if JOBS[job][0] not in choices:
+        pytest.skip(f"`panet {JOBS[job][0]}` is not registered in pipeline/cli.py")
+    monkeypatch.setattr(sys, "argv", [f"jobs/{job}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"jobs.{job}", run_name="__main__")
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: panet {' '.join(JOBS[job])}")
+
+
 def test_train_entrypoint_checks_a_config_like_panet_train(shards, tmp_path) -> None:
     sets = tiny_sets(shards, tmp_path, "entry")
     for cmd in (["-m", "jobs.train"], ["-m", "pipeline.cli", "train"]):
