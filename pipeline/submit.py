@@ -185,9 +185,14 @@ def pinned_requirements(root: Path = PROJECT_ROOT) -> list[str]:
     Returns:
         pip requirement strings, e.g. `["torch==2.14.1", ..., "pyyaml>=6"]`.
     """
-    import tomllib
+    try:
+        import tomllib
 
-    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+        deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    except ImportError:  # Python 3.10: the installed package's own metadata
+        from importlib.metadata import requires
+
+        deps = [r for r in requires("panet-on-ray") or [] if "extra ==" not in r]
     pins: dict[str, str] = {}
     for line in (root / "constraints.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -246,7 +251,17 @@ def check_job(args: argparse.Namespace) -> tuple[list[str], str]:
         raise SubmitError(f"`panet {' '.join(argv)}` is not a valid {args.job} job") from err
     if args.job == "train":
         tracking_uri = _check_train(args)
+    elif args.job == "tune" and "--dry-run" not in job_args:
+        _check_tune(job_args)
     return job_args, tracking_uri
+
+
+def _check_tune(job_args: list[str]) -> None:
+    from pipeline.cli import main
+
+    print("[submit] checking the sweep: panet tune --dry-run", flush=True)
+    if main(["tune", *job_args, "--dry-run"]) != 0:
+        raise SubmitError("panet tune --dry-run refused the sweep (see above)")
 
 
 def _config_args(args: argparse.Namespace, working_dir: Path) -> list[str]:

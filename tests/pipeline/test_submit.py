@@ -146,6 +146,18 @@ def test_checks_refuse_bad_jobs_before_any_cluster(shards, tmp_path) -> None:
         check_job(parse("eval", "--config", CONFIG))
 
 
+def test_a_sweep_is_checked_by_tunes_dry_run(capsys) -> None:
+    if "tune" not in build_parser()._subparsers._group_actions[0].choices:
+        pytest.skip("`panet tune` is not registered in pipeline/cli.py")
+    job_args, _ = check_job(
+        parse("tune", "--set", "solver.max_steps=10", "--", "--sweep", "table4")
+    )
+    assert job_args == ["--set", "solver.max_steps=10", "--sweep", "table4"]
+    assert "sweep 'table4': 5 trial(s)" in capsys.readouterr().out
+    with pytest.raises(SubmitError, match="refused the sweep"):
+        check_job(parse("tune", "--", "--sweep", "no-such-sweep"))
+
+
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_each_entrypoint_runs_its_panet_sub_command(job, monkeypatch) -> None:
     """`python -m jobs.<job> ARGS` is `panet <sub-command> ARGS`, in the same process."""
