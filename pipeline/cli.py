@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
+    from pipeline.predict.cli import add_parser as add_predict_parser
+
+    add_predict_parser(sub)
     return parser
 
 

@@ -233,6 +233,46 @@ def prediction_figure(
     return _save(fig, Path(path))
 
 
+def detection_figure(
+    image: np.ndarray,
+    prediction: Mapping[str, Any],
+    category_names: Mapping[int, str],
+    path: Path | str = "detections.png",
+    title: str = "",
+    panel_width: int = PANEL_WIDTH,
+) -> Path:
+    """A PNG of one image with its detections: masks, boxes and "name score" labels.
+
+    Args:
+        image: (H, W, 3) uint8 RGB (or (H, W) gray).
+        prediction: numpy "boxes" (N, 4) x1y1x2y2, "labels" (N,), "scores" (N,), "masks"
+            (N, H, W) bool or probabilities (optional); every detection is drawn.
+        category_names: {label: name}; unknown labels are drawn as "class <label>".
+        path: the PNG to write.
+        title: the first title line; the second counts the detections.
+        panel_width: pixels of the image panel.
+
+    Returns:
+        `path`.
+    """
+    from matplotlib.figure import Figure
+
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    panel_h = _panel_height(image, panel_width)
+    width, height = panel_width + 2 * MARGIN, TITLE_HEIGHT + panel_h + 2 * MARGIN
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+    ax = fig.add_axes((MARGIN / width, MARGIN / height, panel_width / width, panel_h / height))
+    n = len(np.asarray(prediction.get("scores", [])).reshape(-1))
+    _draw_instances(
+        ax, image, prediction, np.ones(n, dtype=bool), category_names, True, "no detections"
+    )
+    h, w = image.shape[:2]
+    ax.set_title(f"{title} ({w}x{h})\n{n} detection{'s' * (n != 1)}", fontsize=10, pad=4)
+    return _save(fig, Path(path))
+
+
 def _head_title(name: str) -> str:
     titles = {
         "box": "box branch (fc layers)",

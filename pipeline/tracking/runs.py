@@ -825,6 +825,7 @@ def log_model(
     registered_model_name: str | None = None,
     pip_requirements: list[str] | None = None,
     code_paths: list[str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> str:
     """Log a trained model with `mlflow.pytorch`, loadable back by the returned URI.
 
@@ -844,6 +845,7 @@ def log_model(
         registered_model_name: also register it as a new version of this registered model.
         pip_requirements: requirements to record; default `model_pip_requirements()`.
         code_paths: local files or folders to ship with the model, added to sys.path on load.
+        metadata: YAML-able values stored in the model's MLmodel file (`model_metadata`).
 
     Returns:
         The model URI, `models:/<model_id>`: `mlflow.pytorch.load_model(uri)` loads it.
@@ -881,6 +883,7 @@ def log_model(
                 code_paths=code_paths,
                 registered_model_name=registered_model_name,
                 await_registration_for=0,
+                metadata=dict(metadata) if metadata else None,
             )
     finally:
         model.to(device).train(was_training)
@@ -904,6 +907,38 @@ def load_model(tracking_uri: str, model_uri: str, map_location: str = "cpu") -> 
     with _global_tracking_uri(tracking_uri):
         model = mlflow.pytorch.load_model(model_uri, map_location=map_location)
     return model.eval()
+
+
+def model_metadata(tracking_uri: str, model_uri: str) -> dict[str, Any]:
+    """The `metadata` a model was logged with (`log_model`); {} if none.
+
+    Args:
+        tracking_uri: the store the model was logged to.
+        model_uri: `models:/...`, `runs:/...` or a local model directory.
+    """
+    import mlflow.models
+
+    with _global_tracking_uri(tracking_uri):
+        info = mlflow.models.get_model_info(model_uri)
+    return dict(info.metadata or {})
+
+
+def register_model(tracking_uri: str, model_uri: str, name: str) -> str:
+    """Register a logged model as a new version of the registered model `name` (created if new).
+
+    Args:
+        tracking_uri: the store the model was logged to (its registry is used).
+        model_uri: `models:/<model_id>` or `runs:/<run_id>/<name>`.
+        name: the registered model's name.
+
+    Returns:
+        The version, as a string ("1", "2", ...): load it as `models:/<name>/<version>`.
+    """
+    import mlflow
+
+    with _global_tracking_uri(tracking_uri):
+        version = mlflow.register_model(model_uri, name, await_registration_for=0)
+    return str(version.version)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -426,10 +426,28 @@ def train_loop(
             waited_from = time.perf_counter()
     if rank == 0 and job.tracking.log_model:
         try:
-            uri = tracking.log_model(ctx["tracking_uri"], run_id, unwrap(model), step=step)
+            uri = tracking.log_model(
+                ctx["tracking_uri"], run_id, unwrap(model), step=step, metadata=model_card(ctx)
+            )
             print(f"[train] model logged to MLflow: {uri}")
         except Exception as err:  # noqa: BLE001 - the checkpoint holds the model anyway
             print(f"[train] warning: could not log the model to MLflow: {err}")
+
+
+def model_card(ctx: dict[str, Any]) -> dict[str, Any]:
+    """What `panet predict` needs beside the logged module: class names and the config.
+
+    The module carries its own preprocessing (resize and normalisation in `model.transform`);
+    it takes RGB float (3, H, W) images in [0, 1].
+    """
+    return {
+        "panet": {
+            "categories": [{"id": int(k), "name": str(v)} for k, v in ctx["categories"].items()],
+            "num_classes": int(ctx["num_classes"]),
+            "model_config": ctx["job"].to_dict()["model"],
+            "input": "RGB float32 (3, H, W) in [0, 1]",
+        }
+    }
 
 
 def run_evaluation(

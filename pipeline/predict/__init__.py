@@ -1,0 +1,1 @@
+"""Prediction: `panet predict` on images, folders and shards, and Ray Data batch inference."""

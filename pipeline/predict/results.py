@@ -1,0 +1,200 @@
+"""One prediction row per image, and the files they end up in.
+
+A row (`PREDICTION_SCHEMA`) holds an image's id, name, size, its detections in COCO form
+(`[x, y, w, h]` boxes, dataset category ids, compressed RLE masks) or the reason it was
+skipped. The plain loop and the Ray Data actors both make rows with `predict_item`, and
+`ResultWriter` turns them into `results.json` (COCO results format), `images.json` and, for
+batch inference, Parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.predict.images import ImageError, Item, decode, read_bytes
+from pipeline.predict.predictor import Predictor
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("error", pa.string()),  # why the image was skipped; "" if it was predicted
+        ("bboxes", pa.list_(pa.list_(pa.float64()))),  # COCO [x, y, w, h] per detection
+        ("scores", pa.list_(pa.float64())),
+        ("category_ids", pa.list_(pa.int64())),  # the dataset's category ids
+        ("rles", pa.list_(pa.string())),  # compressed COCO RLE counts at (height, width)
+    ]
+)
+RESULTS_FILE = "results.json"
+IMAGES_FILE = "images.json"
+
+
+def picture_name(image_id: int, name: str) -> str:
+    return f"{image_id}_{Path(name).stem or 'image'}.png"
+
+
+def predict_item(predictor: Predictor, item: Item, pictures: Path | None = None) -> dict[str, Any]:
+    """Decode and predict one image; an unreadable one gives a row with its `error`.
+
+    Args:
+        predictor: the loaded model.
+        item: the image.
+        pictures: a folder to draw the detections into (`picture_name`), or None.
+
+    Returns:
+        One row of `PREDICTION_SCHEMA` as a dict.
+    """
+    row: dict[str, Any] = {
+        "image_id": item.image_id,
+        "file_name": item.name,
+        "height": 0,
+        "width": 0,
+        "error": "",
+        "bboxes": [],
+        "scores": [],
+        "category_ids": [],
+        "rles": [],
+    }
+    try:
+        rgb = decode(read_bytes(item), item.name)
+    except ImageError as err:
+        row["error"] = str(err)
+        return row
+    detections = predictor.predict(rgb)
+    results = predictor.coco_results(detections, item.image_id)
+    row.update(
+        height=rgb.shape[0],
+        width=rgb.shape[1],
+        bboxes=[r["bbox"] for r in results],
+        scores=[r["score"] for r in results],
+        category_ids=[r["category_id"] for r in results],
+        rles=[r["segmentation"]["counts"] for r in results],
+    )
+    if pictures is not None:
+        from pipeline.tracking.pictures import detection_figure
+
+        drawn = {
+            "boxes": detections.boxes,
+            "labels": detections.category_ids,
+            "scores": detections.scores,
+            "masks": detections.masks,
+        }
+        detection_figure(
+            rgb,
+            drawn,
+            predictor.categories,
+            pictures / picture_name(item.image_id, item.name),
+            title=Path(item.name).name,
+        )
+    return row
+
+
+def row_results(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The COCO result dicts of a row."""
+    size = [int(row["height"]), int(row["width"])]
+    return [
+        {
+            "image_id": int(row["image_id"]),
+            "category_id": int(cat),
+            "bbox": [float(v) for v in bbox],
+            "score": float(score),
+            "segmentation": {"size": size, "counts": rle},
+        }
+        for bbox, score, cat, rle in zip(
+            row["bboxes"], row["scores"], row["category_ids"], row["rles"]
+        )
+    ]
+
+
+class ResultWriter:
+    """Collects rows; writes results.json, images.json and (optionally) Parquet into `out`.
+
+    Prints a progress line with the throughput every `every` images, and each skipped image
+    by name on stderr as it comes.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        categories: Mapping[int, str],
+        total: int,
+        *,
+        parquet: bool = False,
+        every: int = 10,
+    ) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.categories = dict(categories)
+        self.total, self.every = total, every
+        self.results: list[dict[str, Any]] = []
+        self.images: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+        self.start = time.perf_counter()
+        self.done = 0
+        self._writer: Any = None
+        if parquet:
+            import pyarrow.parquet as pq
+
+            (self.out / "predictions").mkdir(exist_ok=True)
+            self._writer = pq.ParquetWriter(
+                self.out / "predictions" / "part-0.parquet", PREDICTION_SCHEMA
+            )
+
+    def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = list(rows)
+        if self._writer is not None and rows:
+            self._writer.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA))
+        for row in rows:
+            self.done += 1
+            if row["error"]:
+                self.skipped.append({"file_name": row["file_name"], "reason": row["error"]})
+                print(f"[predict] skipped {row['error']}", file=sys.stderr, flush=True)
+                continue
+            self.images.append(
+                {
+                    "id": int(row["image_id"]),
+                    "file_name": row["file_name"],
+                    "height": int(row["height"]),
+                    "width": int(row["width"]),
+                }
+            )
+            self.results += row_results(row)
+            if self.done % self.every == 0 or self.done == self.total:
+                print(f"[predict] {self.progress()}", flush=True)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+    def progress(self) -> str:
+        return (
+            f"{self.done}/{self.total} images, {len(self.results)} detections, "
+            f"{self.images_per_s:.2f} images/s"
+        )
+
+    def close(self) -> dict[str, Any]:
+        """Write the JSON files; returns a summary."""
+        if self._writer is not None:
+            self._writer.close()
+        self.results.sort(key=lambda r: (r["image_id"], -r["score"]))
+        self.images.sort(key=lambda i: i["id"])
+        (self.out / RESULTS_FILE).write_text(json.dumps(self.results))
+        categories = [{"id": k, "name": v} for k, v in self.categories.items()]
+        meta = {"images": self.images, "categories": categories, "skipped": self.skipped}
+        (self.out / IMAGES_FILE).write_text(json.dumps(meta, indent=1))
+        return {
+            "images": len(self.images),
+            "detections": len(self.results),
+            "skipped": len(self.skipped),
+            "seconds": time.perf_counter() - self.start,
+            "images_per_s": self.images_per_s,
+        }

@@ -1,0 +1,139 @@
+"""`panet predict` on real photographs: COCO results, one picture per image, bad files skipped."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.cli import main
+from tests.pipeline.predict.conftest import CATEGORIES
+
+
+def run_predict(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["predict", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_predict_photographs_writes_coco_results_and_pictures(
+    photos, untrained_checkpoint, tmp_path, capsys
+) -> None:
+    out = tmp_path / "out"
+    folder = photos["astronaut.png"].parent
+    code, stdout, stderr = run_predict(
+        capsys,
+        "--model",
+        str(untrained_checkpoint),
+        str(folder),
+        "--out",
+        str(out),
+        "--score-threshold",
+        "0",
+        "--max-detections",
+        "7",
+        "--device",
+        "cpu",
+    )
+    assert code == 0, stderr
+    # The unreadable files are reported by name; everything else has results.
+    assert "truncated.jpg" in stderr and "not_an_image.png" in stderr
+    meta = json.loads((out / "images.json").read_text())
+    names = {i["file_name"].rsplit("/", 1)[-1]: i for i in meta["images"]}
+    readable = set(photos) - {"truncated.jpg", "not_an_image.png"}
+    assert set(names) == readable
+    assert {s["file_name"].rsplit("/", 1)[-1] for s in meta["skipped"]} == {
+        "truncated.jpg",
+        "not_an_image.png",
+    }
+    assert meta["categories"] == [{"id": k, "name": v} for k, v in CATEGORIES.items()]
+    assert names["coffee_exif6.jpg"]["height"] == 400 and names["coffee_exif6.jpg"]["width"] == 600
+    results = json.loads((out / "results.json").read_text())
+    by_image: dict[int, int] = {}
+    sizes = {i["id"]: (i["height"], i["width"]) for i in meta["images"]}
+    for r in results:
+        assert set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+        assert r["category_id"] in CATEGORIES and 0 <= r["score"] <= 1 and len(r["bbox"]) == 4
+        h, w = sizes[r["image_id"]]
+        assert r["segmentation"]["size"] == [h, w]
+        assert mask_utils.decode(r["segmentation"]).shape == (h, w)
+        by_image[r["image_id"]] = by_image.get(r["image_id"], 0) + 1
+    assert set(by_image) == set(sizes) and max(by_image.values()) <= 7
+    # One picture per readable image, a real PNG with the detections drawn.
+    pictures = sorted(p.name for p in (out / "pictures").iterdir())
+    assert len(pictures) == len(readable)
+    png = np.asarray(Image.open(out / "pictures" / pictures[0]))
+    assert png.ndim == 3 and png.shape[1] > 600
+    assert "done:" in stdout and f"{len(readable)} images" in stdout
+
+
+def test_score_threshold_and_max_detections_filter(
+    photos, untrained_checkpoint, tmp_path, capsys
+) -> None:
+    def count(threshold: str, most: str) -> list[dict]:
+        out = tmp_path / f"{threshold}-{most}"
+        code, _, err = run_predict(
+            capsys,
+            "--model",
+            str(untrained_checkpoint / "state.pt"),
+            str(photos["chelsea_large.jpg"]),
+            "--out",
+            str(out),
+            "--score-threshold",
+            threshold,
+            "--max-detections",
+            most,
+            "--no-pictures",
+        )
+        assert code == 0, err
+        assert not (out / "pictures").exists()
+        return json.loads((out / "results.json").read_text())
+
+    everything = count("0", "100")
+    assert len(everything) == 100
+    scores = sorted((r["score"] for r in everything), reverse=True)
+    top = count("0", "5")
+    assert [r["score"] for r in top] == pytest.approx(scores[:5])
+    cut = scores[20]
+    above = count(str(cut), "100")
+    assert len(above) == sum(s >= cut for s in scores)
+
+
+def test_bad_requests_fail_before_loading_with_one_line(untrained_checkpoint, tmp_path, capsys):
+    code, _, err = run_predict(
+        capsys, "--model", str(untrained_checkpoint), str(tmp_path / "x.jpg")
+    )
+    assert code == 2 and "x.jpg' does not exist" in err
+    img = tmp_path / "one.png"
+    Image.new("RGB", (40, 30)).save(img)
+    code, _, err = run_predict(capsys, "--model", str(tmp_path / "nope"), str(img))
+    assert code == 2 and "nope" in err
+    code, _, err = run_predict(capsys, "--model", "models:/m1", str(img))
+    assert code == 2 and "--tracking-uri" in err
+    code, _, err = run_predict(
+        capsys, "--model", str(untrained_checkpoint), str(img), "--set", "solver.base_lr=1"
+    )
+    assert code == 2 and "only model.* keys" in err
+    code, _, err = run_predict(
+        capsys, "--model", str(untrained_checkpoint), str(img), "--set", "model.test.flip=3"
+    )
+    assert code == 2 and "test.flip" in err
+    code, _, err = run_predict(
+        capsys, "--model", str(untrained_checkpoint), str(img), "--score-threshold", "2"
+    )
+    assert code == 2 and "--score-threshold" in err
+
+
+def test_all_inputs_unreadable_exits_nonzero(photos, untrained_checkpoint, tmp_path, capsys):
+    code, _, err = run_predict(
+        capsys,
+        "--model",
+        str(untrained_checkpoint),
+        str(photos["truncated.jpg"]),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert code == 1 and "truncated.jpg" in err
