@@ -39,19 +39,36 @@ def _is_free(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in FREE_KEYS)
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def config_changes(
+    old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[tuple[str, Any, Any]]:
     """The keys whose values differ between two `JobConfig.to_dict()` configs, sorted.
 
+    A checkpoint written before a key existed lacks it: that key counts as changed only if the
+    new value is not its default. A key the schema no longer has is left out.
+
+    Args:
+        old: the checkpoint's config.
+        new: the new run's config.
+        defaults: flat default values of the new run's schema and preset.
+
     Returns:
-        [(dotted key, old value or "unset", new value or "unset"), ...].
+        [(dotted key, old value or "unset", new value), ...].
     """
-    a, b = flatten(old), flatten(new)
+    a, b, d = flatten(old), flatten(new), defaults or {}
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - YAML lists vs tuples
     return [
-        (k, a.get(k, "unset"), b.get(k, "unset"))
-        for k in sorted(a.keys() | b.keys())
-        if norm(a.get(k, "unset")) != norm(b.get(k, "unset"))
+        (k, a.get(k, "unset"), b[k])
+        for k in sorted(b)
+        if norm(a[k] if k in a else d.get(k, "unset")) != norm(b[k])
     ]
+
+
+def schema_defaults(preset: str) -> dict[str, Any]:
+    """Flat `JobConfig.to_dict()` of the defaults with the model preset `preset`."""
+    from panet_model import PANetConfig
+
+    return flatten(JobConfig(model_preset=preset, model=PANetConfig.preset(preset)).to_dict())
 
 
 def describe(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str:
@@ -106,7 +123,9 @@ def check_job_change(
             "its own data; train a new job (--new-name), starting from its weights with "
             "--set model.weights=<checkpoint>"
         )
-    changes = config_changes(dict(state.get("config", {})), job.to_dict())
+    changes = config_changes(
+        dict(state.get("config", {})), job.to_dict(), schema_defaults(job.model_preset)
+    )
     fixed = [c for c in changes if not _is_free(c[0])]
     if fixed and not allow_changes:
         raise ValueError(
