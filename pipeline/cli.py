@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 
@@ -139,14 +138,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "data.train and data.val with --set"
             )
         job = load_job_config(args.config, sets)
-        if args.new_name and job.run_dir.exists():
-            from pipeline.train.resume import next_free_name
+        if args.new_name:
+            from pipeline.train.resume import with_free_name
 
-            job = dataclasses.replace(job, name=next_free_name(job))
-            print(f"[panet] training a new job: {job.name!r}", flush=True)
+            renamed = with_free_name(job)
+            if renamed.name != job.name:
+                print(f"[panet] training a new job: {renamed.name!r}", flush=True)
+            job = renamed
         if args.dry_run:
             from pipeline.train.driver import preflight
-
             from pipeline.train.resume import describe
 
             plan = preflight(job, allow_changes=args.resume)

@@ -48,6 +48,9 @@ def ensure_shards(raw: Path, shards: Path, split: str, images: int, seed: int) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="End-to-end demo on the synthetic data set.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="as `panet train --resume`")
+    existing.add_argument("--new-name", action="store_true", help="as `panet train --new-name`")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -55,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2
+    if args.new_name:
+        from pipeline.train.resume import with_free_name
+
+        renamed = with_free_name(job)
+        if renamed.name != job.name:
+            print(f"[demo] training a new job: {renamed.name!r}")
+        job = renamed
     root = Path(job.data.train).resolve().parents[1]  # demo/shards/train -> demo/
     ensure_shards(root / "raw", root / "shards", "train", TRAIN_IMAGES, TRAIN_SEED)
     ensure_shards(root / "raw", root / "shards", "val", VAL_IMAGES, VAL_SEED)
@@ -62,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import print_summary
     from pipeline.train.driver import run_training
 
-    result = run_training(job)
+    try:
+        result = run_training(job, allow_changes=args.resume)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"demo: error: {err}", file=sys.stderr)
+        return 2
     print_summary(result)
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f} s")
     return 0

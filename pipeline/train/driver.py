@@ -486,8 +486,8 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
         return None
     print(
         f"[panet] job {job.name!r} is already trained to step {step} (solver.max_steps="
-        f"{job.solver.max_steps}): nothing to train; raise solver.max_steps to train on, or "
-        f"train under a new name. Latest checkpoint: {path.parent}",
+        f"{job.solver.max_steps}): nothing to train; raise it (--set solver.max_steps=N) to train "
+        f"on, or train a new job (--new-name). Latest checkpoint: {path.parent}",
         flush=True,
     )
     return {

@@ -7,6 +7,7 @@ trained with and its categories) and `job.json` (the data fingerprints of its la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -155,10 +156,12 @@ def write_job_record(run_dir: Path, train_fingerprint: str, val_fingerprint: str
     (as_path(run_dir) / JOB_RECORD).write_text(json.dumps(record))
 
 
-def next_free_name(job: JobConfig) -> str:
-    """`<name>-2`, `<name>-3`, ...: the first name with no job directory in the storage path."""
+def with_free_name(job: JobConfig) -> JobConfig:
+    """`job` itself if its name is new, else renamed `<name>-2`, `-3`, ... (`--new-name`)."""
+    if not job.run_dir.exists():
+        return job
     storage = job.run_dir.parent
     n = 2
     while (storage / f"{job.name}-{n}").exists():
         n += 1
-    return f"{job.name}-{n}"
+    return dataclasses.replace(job, name=f"{job.name}-{n}")
