@@ -19,6 +19,7 @@ from panet_model.config import apply_overrides, flatten, require, to_plain
 
 if TYPE_CHECKING:
     from pipeline.data.augment import AugmentConfig
+    from pipeline.storage import StoragePath
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,10 @@ class SolverSection:
 
 @dataclass(frozen=True)
 class ScalingSection:
-    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    num_workers: int = 2  # Ray Train workers (DDP ranks); YAML [min, max] sets min_workers too
+    min_workers: int = 0  # elastic: go on with down to this many workers (0: fixed size)
+    worker_resource: str = ""  # a custom Ray resource each worker takes one unit of ("": none)
+    resize_interval_s: float = 60.0  # elastic: seconds between looks for capacity to grow back
     use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
     cpus_per_worker: float = 1.0  # logical CPUs reserved by each worker
 
@@ -91,6 +95,7 @@ class RaySection:
     address: str = ""  # cluster address; empty = RAY_ADDRESS or a new local instance
     num_cpus: int = 0  # logical CPUs of a new local instance, 0 = enough for workers + data
     max_failures: int = 3  # worker failures recovered from the last checkpoint
+    check_resources: bool = True  # refuse a job the cluster cannot hold (autoscaling: warn)
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,11 @@ class JobConfig:
         return self.solver.ims_per_batch // self.scaling.num_workers
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.checkpoint.storage_path).resolve() / self.name
+    def run_dir(self) -> Path | StoragePath:
+        """The job's directory: a `Path`, or a `StoragePath` when the storage is a URI."""
+        from pipeline.storage import as_path
+
+        return as_path(self.checkpoint.storage_path) / self.name
 
     def flat(self) -> dict[str, Any]:
         """Every key as `{"dotted.key": value}` (the model's under `model.`)."""
@@ -155,6 +163,11 @@ class JobConfig:
         s, sc = self.solver, self.scaling
         require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
         require(sc.num_workers >= 1, "scaling.num_workers", ">= 1")
+        require(
+            0 <= sc.min_workers <= sc.num_workers,
+            "scaling.num_workers",
+            f"[min, max] with 1 <= min <= max (got min {sc.min_workers}, max {sc.num_workers})",
+        )
         require(sc.cpus_per_worker > 0, "scaling.cpus_per_worker", "> 0")
         require(
             s.ims_per_batch % sc.num_workers == 0 and s.ims_per_batch >= sc.num_workers,
@@ -229,6 +242,7 @@ def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None)
         data = loaded or {}
     updates = flatten(data)
     updates.update(sets or {})
+    updates = _split_worker_range(updates)
     if "model_preset" in updates:
         raise ValueError("config key 'model_preset': set 'model.preset' instead")
     preset = updates.pop("model.preset", "tiny")
@@ -238,6 +252,22 @@ def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None)
     job = apply_overrides(job, updates)
     job.validate()
     return with_absolute_paths(job)
+
+
+def _split_worker_range(updates: dict[str, Any]) -> dict[str, Any]:
+    """`scaling.num_workers: [min, max]` -> num_workers max, min_workers min (elastic)."""
+    value = updates.get("scaling.num_workers")
+    if not isinstance(value, (list, tuple)):
+        return updates
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(
+            f"config key 'scaling.num_workers': expected a count or [min, max], got {value!r}"
+        )
+    if value[0] < 1:
+        raise ValueError(f"config key 'scaling.num_workers': min must be >= 1, got {value!r}")
+    out = dict(updates)
+    out["scaling.min_workers"], out["scaling.num_workers"] = value
+    return out
 
 
 def _absolute(path: str) -> str:

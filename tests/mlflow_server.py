@@ -20,9 +20,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session: SIGTERM its group, SIGKILL after 15 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextmanager
-def mlflow_server(root: Path, timeout: float = 90) -> Iterator[str]:
-    """Start `mlflow server` on a free localhost port; yield its URI; stop it (and its workers)."""
+def mlflow_server(root: Path, timeout: float = 90, artifacts: str | None = None) -> Iterator[str]:
+    """Start `mlflow server` on a free localhost port; yield its URI; stop it (and its workers).
+
+    `artifacts`: the server's `--artifacts-destination` (default `root/artifacts`; an s3:// URI
+    works with the AWS variables of this process's environment).
+    """
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -34,7 +48,7 @@ def mlflow_server(root: Path, timeout: float = 90) -> Iterator[str]:
         "--backend-store-uri",
         f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination",
-        str(root / "artifacts"),
+        artifacts or str(root / "artifacts"),
         "--host",
         "127.0.0.1",
         "--port",
@@ -62,9 +76,4 @@ def mlflow_server(root: Path, timeout: float = 90) -> Iterator[str]:
                 time.sleep(0.25)
             yield uri
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)

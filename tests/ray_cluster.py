@@ -12,6 +12,7 @@ which stops every Ray process of the machine). The token comes from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,27 @@ class RayCluster:
     token: str  # the cluster's authentication token
     temp_dir: Path  # the head's Ray temp dir (session logs under session_latest/)
     pids: tuple[int, ...] = ()  # the `ray start --block` process of each node
+    nodes: Nodes | None = None  # the extra nodes: stop one (a lost node), start it again
+
+
+class Nodes:
+    """The extra nodes of a test cluster, to lose one mid-job and bring it back."""
+
+    def __init__(self, procs: list[subprocess.Popen], start: Callable[[int], None]) -> None:
+        self._procs = procs  # the cluster's list: [head, node0, node1, ...]
+        self._start = start
+
+    def stop(self, i: int) -> None:
+        """Lose extra node `i` without warning: SIGKILL its whole session (raylet, workers)."""
+        proc = self._procs[1 + i]
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+    def start(self, i: int) -> None:
+        """Start extra node `i` again (new ports, same temp dir and resources)."""
+        self._start(i)
 
 
 def free_ports(n: int) -> list[int]:
@@ -253,7 +275,9 @@ def ray_cluster(
                 logs,
                 timeout,
             )
-            for i, spec in enumerate(extra_nodes):
+
+            def start_node(i: int) -> None:
+                spec = extra_nodes[i]
                 cmd = [
                     ray_bin,
                     "start",
@@ -265,8 +289,14 @@ def ray_cluster(
                     *_node_ports(NODE_PORT_FLAGS),
                     *_resources_flags(spec),
                 ]
+                if 1 + i < len(logs):  # a restart: the new process replaces the lost one
+                    procs[1 + i] = _start_node(cmd, env, logs[1 + i])
+                    return
                 logs.append(root / f"node{i}.log")
                 procs.append(_start_node(cmd, env, logs[-1]))
+
+            for i in range(len(extra_nodes)):
+                start_node(i)
             _wait(
                 f"{1 + len(extra_nodes)} Ray node(s)",
                 lambda: _alive_nodes(dashboard_url, token) == 1 + len(extra_nodes),
@@ -281,6 +311,7 @@ def ray_cluster(
                 token=token,
                 temp_dir=head,
                 pids=tuple(p.pid for p in procs),
+                nodes=Nodes(procs, start_node),
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -146,7 +146,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         help="summarise a shard directory; --verify re-checks every shard",
         description="Counts, categories, image sizes, bytes and skipped records of a shard dir.",
     )
-    inspect.add_argument("out", type=Path, help="shard directory (holding manifest.json)")
+    inspect.add_argument(
+        "out", help="shard directory (holding manifest.json): a path or an s3:// / gs:// URI"
+    )
     inspect.add_argument(
         "--verify", action="store_true", help="re-hash every shard, check row counts and schema"
     )
@@ -156,7 +158,11 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 
 def _add_convert_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="output shard directory")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output shard directory: a path, or an s3:// / gs:// URI (staged locally, uploaded)",
+    )
     p.add_argument(
         "--shard-size",
         type=_positive_int,
@@ -188,7 +194,7 @@ def _options(args: argparse.Namespace) -> dict:
     }
 
 
-def _check_yield(command: str, out: Path, manifest: dict) -> int:
+def _check_yield(command: str, out: str, manifest: dict) -> int:
     """Exit 2 with a hint when the conversion kept nothing or skipped most images."""
     from pipeline.data.shards import yield_problem
 

@@ -32,14 +32,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from pipeline import storage
 from pipeline.data.progress import Progress, format_bytes, format_duration
 from pipeline.data.records import FORMAT_VERSION, MANIFEST_NAME, RECORD_SCHEMA
+
+if TYPE_CHECKING:
+    from pipeline.storage import StoragePath
 
 DEFAULT_SHARD_SIZE = 256  # rows per shard: ~40 MB of COCO JPEGs, enough files to spread reads
 ROW_GROUP_ROWS = 32  # rows buffered before a Parquet row group is written: bounds worker memory
@@ -236,10 +240,11 @@ def _open_writer(path: Path) -> pq.ParquetWriter:
     )
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+def sha256_file(path: Path | StoragePath) -> str:
+    """Hex sha256 of a file (local or on object storage), read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fs, where = storage.filesystem(str(path))
+    with fs.open_input_stream(where) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -477,6 +482,18 @@ def write_shards(
     if strict and plan.pre_skipped:
         first = plan.pre_skipped[0]
         raise BadRecordError(f"{first['source']}: {first['reason']} [{first['code']}]")
+    if storage.is_uri(out):
+        return _write_to_object_storage(
+            plan,
+            str(out),
+            shard_size=shard_size,
+            workers=workers,
+            strict=strict,
+            resume=resume,
+            progress=progress,
+            stream=stream,
+            on_shard_done=on_shard_done,
+        )
     out = Path(out)
     n_items = len(plan.items)
     n_shards = math.ceil(n_items / shard_size)
@@ -534,6 +551,36 @@ def write_shards(
             format_summary(manifest, elapsed=prog.elapsed(), reused_shards=reused),
             file=stream or sys.stderr,
             flush=True,
+        )
+    return manifest
+
+
+def _write_to_object_storage(plan: ConversionPlan, out: str, **options: Any) -> dict:
+    """`write_shards` to an `s3://` / `gs://` URI: convert into a local staging folder, upload.
+
+    The shards go up first and `manifest.json` last, so a reader never sees a manifest whose
+    shards are missing. The staging folder needs room for the whole shard set.
+    """
+    if options.pop("resume"):
+        raise DataError(f"--resume: works with a local --out; {out!r} is object storage")
+    if storage.exists(storage.join(out, MANIFEST_NAME)):
+        raise DataError(
+            f"--out {out!r} already holds a shard set ({MANIFEST_NAME}); choose another"
+        )
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="panet-convert-") as staging:
+        manifest = write_shards(plan, staging, resume=False, **options)
+        for entry in sorted(Path(staging).iterdir()):
+            if entry.name in (MANIFEST_NAME, PROGRESS_DIR):
+                continue
+            target = storage.join(out, entry.name)
+            if entry.is_dir():
+                storage.upload_dir(entry, target)
+            else:
+                storage.write_bytes(target, entry.read_bytes())
+        storage.write_bytes(
+            storage.join(out, MANIFEST_NAME), (Path(staging) / MANIFEST_NAME).read_bytes()
         )
     return manifest
 
@@ -777,7 +824,7 @@ def _type_mismatch(path: str, actual: pa.DataType, expected: pa.DataType) -> str
     return None if actual.equals(expected) else wrong()
 
 
-def _read_manifest_file(shard_dir: Path) -> dict:
+def _read_manifest_file(shard_dir: Path | StoragePath) -> dict:
     path = shard_dir / MANIFEST_NAME
     if not path.is_file():
         if (shard_dir / PROGRESS_DIR / RUN_FILE).exists():
@@ -822,14 +869,14 @@ def load_manifest(shard_dir: str | Path) -> dict:
     Raises:
         ValueError (a `DataError`): naming the directory, and the shard and field if relevant.
     """
-    shard_dir = Path(shard_dir)
+    shard_dir = storage.as_path(shard_dir)
     manifest = _read_manifest_file(shard_dir)
     for shard in manifest["shards"]:
         path = shard_dir / shard["path"]
         if not path.is_file():
             raise DataError(f"{shard_dir}: shard {shard['path']} listed in the manifest is missing")
         try:
-            schema = pq.read_schema(path)
+            schema = pq.read_schema(str(path))
         except Exception as e:
             raise DataError(
                 f"{shard_dir}: shard {shard['path']} is not readable Parquet ({e})"
@@ -868,11 +915,13 @@ def shard_paths(manifest: dict, shard_dir: str | Path) -> list[str]:
     Returns:
         One path per shard with rows.
     """
+    if storage.is_uri(shard_dir):
+        return [storage.join(shard_dir, s["path"]) for s in manifest["shards"]]
     base = os.path.abspath(shard_dir)
     return [os.path.join(base, s["path"]) for s in manifest["shards"]]
 
 
-def verify_shard(shard_dir: Path, shard: dict) -> list[str]:
+def verify_shard(shard_dir: Path | StoragePath, shard: dict) -> list[str]:
     """Re-check one shard against its manifest entry: presence, sha256, row count, schema.
 
     Returns:
@@ -887,7 +936,7 @@ def verify_shard(shard_dir: Path, shard: dict) -> list[str]:
     if sha != shard["sha256"]:
         problems.append(f"{name}: sha256 mismatch (manifest {shard['sha256']}, file {sha})")
     try:
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(str(path))
         if meta.num_rows != shard["rows"]:
             problems.append(f"{name}: {meta.num_rows} rows, manifest says {shard['rows']}")
         msg = schema_mismatch(meta.schema.to_arrow_schema())
@@ -913,7 +962,7 @@ def inspect_shards(shard_dir: str | Path, *, verify: bool = False) -> dict:
     Raises:
         DataError: no (complete) manifest.
     """
-    shard_dir = Path(shard_dir)
+    shard_dir = storage.as_path(shard_dir)
     manifest = _read_manifest_file(shard_dir)
     instance_counts = manifest.get("instance_counts", {})
     crowd_counts = manifest.get("crowd_counts", {})
@@ -928,8 +977,8 @@ def inspect_shards(shard_dir: str | Path, *, verify: bool = False) -> dict:
     ]
     on_disk = 0
     for s in manifest["shards"]:
-        p = shard_dir / s["path"]
-        on_disk += p.stat().st_size if p.is_file() else 0
+        fs, where = storage.filesystem(str(shard_dir / s["path"]))
+        on_disk += max(fs.get_file_info(where).size or 0, 0)
     problems: list[str] = []
     if verify:
         for s in manifest["shards"]:

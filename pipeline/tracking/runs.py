@@ -88,7 +88,7 @@ class TrackingUnavailableError(ValueError):
 # Where runs go
 
 
-def resolve_tracking_uri(run_dir: Path, configured: str | None) -> str:
+def resolve_tracking_uri(run_dir: Any, configured: str | None) -> str:
     """The tracking URI for a job.
 
     Args:
@@ -100,12 +100,21 @@ def resolve_tracking_uri(run_dir: Path, configured: str | None) -> str:
         (absolute, so `sqlite:////abs/run_dir/mlflow.db`). MLflow 3.17 no longer accepts a plain
         file store for new data, hence SQLite; its artifacts go to `<run_dir>/mlartifacts`
         (see `default_artifact_location`).
+
+    Raises:
+        ValueError: no URI is set and `run_dir` is object storage (no place for SQLite).
     """
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
     if configured and configured.strip():
         return configured.strip()
+    if "://" in str(run_dir):
+        raise ValueError(
+            f"config key 'tracking.uri': the default MLflow store is a SQLite file in the job "
+            f"directory, and {str(run_dir)!r} is object storage; set tracking.uri (or "
+            "MLFLOW_TRACKING_URI) to a tracking server, e.g. http://mlflow:5000"
+        )
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
@@ -445,7 +454,6 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
             "search_runs",
         )
     )
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ a config or the data is found by `preflight` before any worker starts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.train.failures import FAILED_FILE, clear_failure, raise_failure
 from pipeline.train.resume import check_job_change, describe, write_job_record
@@ -76,10 +78,12 @@ def preflight(job: JobConfig, *, allow_changes: bool = False) -> Plan:
     """
     from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
     from pipeline.data.shards import load_manifest
+    from pipeline.tracking import runs as tracking
 
     for key, path in (("data.train", job.data.train), ("data.val", job.data.val)):
-        if not Path(path).exists():
+        if not storage.exists(path):
             raise ValueError(f"config key {key!r}: shard directory {path!r} does not exist")
+    tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)  # no SQLite on s3://
     train = _manifest(load_manifest, "data.train", job.data.train)
     val = _manifest(load_manifest, "data.val", job.data.val)
     train_cats = [(int(c["id"]), c["name"]) for c in train["categories"]]
@@ -187,8 +191,16 @@ def connect_ray(job: JobConfig) -> None:
     ray.init(num_cpus=num_cpus)
 
 
-def check_resources(job: JobConfig, cluster: dict[str, float] | None = None) -> None:
+def check_resources(
+    job: JobConfig,
+    cluster: dict[str, float] | None = None,
+    autoscaler_max: dict[str, float] | None = None,
+) -> None:
     """Fail before any worker starts if the workers cannot be placed.
+
+    An autoscaling cluster (KubeRay, the cluster launcher) may have no GPU node yet: it is
+    checked against what its autoscaler can grow to, and only warned about what it lacks now.
+    `ray.check_resources: false` (`panet train --skip-resource-check`) skips the check.
 
     Args:
         job: the job.
@@ -196,12 +208,22 @@ def check_resources(job: JobConfig, cluster: dict[str, float] | None = None) -> 
             Ray Data decode task must fit its CPUs. None: a local instance not started yet,
             checked against this machine's cores and GPUs (the instance gets extra logical
             CPUs for the data tasks, `connect_ray`, or exactly `ray.num_cpus` if set).
+        autoscaler_max: the most an autoscaling cluster can hold ({} for a fixed cluster);
+            None: asked from the connected cluster.
     """
     sc = job.scaling
+    if not job.ray.check_resources:
+        return
+    # An elastic job starts with its minimum (`scaling.num_workers: [min, max]`).
+    sc = dataclasses.replace(sc, num_workers=sc.min_workers or sc.num_workers)
     need = sc.num_workers * sc.cpus_per_worker
     if cluster is not None:
         cpus, gpus, where = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), "the cluster has"
         data_cpus = job.data.decode_cpus
+        growable = autoscaler_max_resources() if autoscaler_max is None else autoscaler_max
+        if growable:
+            warn_if_short_now(job, cluster, growable)
+            return
     elif job.ray.num_cpus:
         cpus, gpus, where = float(job.ray.num_cpus), _local_gpus(), "ray.num_cpus is"
         data_cpus = job.data.decode_cpus
@@ -220,6 +242,46 @@ def check_resources(job: JobConfig, cluster: dict[str, float] | None = None) -> 
             f"config key 'scaling.use_gpu': {sc.num_workers} workers need one GPU each, "
             f"but {where} {gpus:g}"
         )
+
+
+def autoscaler_max_resources() -> dict[str, float]:
+    """The most the connected cluster's autoscaler can add up to; {} for a fixed-size cluster.
+
+    Read from the autoscaler's cluster config in the GCS (its node groups x their max
+    replicas), as Ray Train's own worker-group check does.
+    """
+    from ray._private import state as ray_state
+
+    try:
+        found = ray_state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state: treat as fixed
+        return {}
+    return {k: float(v) for k, v in (found or {}).items()}
+
+
+def warn_if_short_now(
+    job: JobConfig, cluster: dict[str, float], growable: dict[str, float]
+) -> None:
+    """Autoscaling cluster: fail if even its largest size is short, else warn what it lacks now."""
+    sc = job.scaling
+    sc = dataclasses.replace(sc, num_workers=sc.min_workers or sc.num_workers)
+    need = {"CPU": sc.num_workers * sc.cpus_per_worker + job.data.decode_cpus}
+    if sc.use_gpu:
+        need["GPU"] = float(sc.num_workers)
+    for name, amount in need.items():
+        most = max(growable.get(name, 0.0), cluster.get(name, 0.0))
+        key = "scaling.use_gpu" if name == "GPU" else "scaling.num_workers"
+        if amount > most:
+            raise ValueError(
+                f"config key {key!r}: the job needs {amount:g} {name}, but this autoscaling "
+                f"cluster grows to at most {most:g}"
+            )
+        if amount > cluster.get(name, 0.0):
+            warnings.warn(
+                f"the cluster has {cluster.get(name, 0.0):g} {name} now and the job needs "
+                f"{amount:g}: the workers wait until its autoscaler adds nodes (up to {most:g})",
+                stacklevel=2,
+            )
 
 
 def _local_gpus() -> float:
@@ -361,9 +423,17 @@ def build_trainer(
         "train": build_train_dataset(job.data.train, aug, seed=job.seed, **decode),
         "eval": build_eval_dataset(job.data.val, **decode),
     }
-    resources = {"CPU": job.scaling.cpus_per_worker}
-    if job.scaling.use_gpu:
+    sc = job.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
         resources["GPU"] = 1
+    if sc.worker_resource:
+        resources[sc.worker_resource] = 1
+    # Elastic: Ray Train runs min..max workers as nodes come and go; the loop keeps the global
+    # batch by gradient accumulation (`elastic.micro_batches`).
+    workers = (
+        (sc.min_workers, sc.num_workers) if 0 < sc.min_workers < sc.num_workers else sc.num_workers
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -376,13 +446,14 @@ def build_trainer(
             "run_id": run_id,
         },
         scaling_config=ScalingConfig(
-            num_workers=job.scaling.num_workers,
-            use_gpu=job.scaling.use_gpu,
+            num_workers=workers,
+            use_gpu=sc.use_gpu,
             resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=sc.resize_interval_s,
         ),
         run_config=RunConfig(
             name=job.name,
-            storage_path=str(Path(job.checkpoint.storage_path).resolve()),
+            storage_path=storage.absolute(job.checkpoint.storage_path),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=job.checkpoint.keep_best,
                 checkpoint_score_attribute="segm_AP",
@@ -423,7 +494,9 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
     if done is not None:
         return done
     connect_ray(job)
+    keep_working_directory()
     check_resources(job, ray.cluster_resources())
+    check_cluster_storage(job)
     with warnings.catch_warnings():
         # A resumed job's changed params go to `param_changed.*` tags; the line above names them.
         warnings.filterwarnings("ignore", "params already logged with other values")
@@ -449,12 +522,67 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
         tracking.finish_run(uri, run_id, "FAILED")
         raise
     tracking.finish_run(uri, run_id, "FINISHED")
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    checkpoint = checkpoint_location(result.checkpoint) if result.checkpoint else None
     metrics: dict[str, float] = {}
     if checkpoint is not None:
         # The latest checkpoint always exists after a run and carries the last evaluation.
-        metrics = coco_metrics(json.loads((Path(checkpoint) / "metrics.json").read_text()))
+        saved = json.loads(storage.read_text(storage.join(checkpoint, "metrics.json")))
+        metrics = coco_metrics(saved)
     return {"metrics": metrics, "tracking_uri": uri, "run_id": run_id, "checkpoint": checkpoint}
+
+
+def keep_working_directory() -> None:
+    """Leave a working directory that was deleted under the driver for one that exists.
+
+    Paths are absolute from `load_job_config` on, so nothing of the job's needs the working
+    directory, but MLflow's SQLite store resolves its default artifact root against it. Under
+    `ray job submit` the driver runs in the unpacked working_dir package, and on two Ray nodes
+    sharing one temp dir (two raylets on one machine), the second node's runtime-env agent
+    unpacks the same package again when the driver connects, deleting the first copy.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(tempfile.gettempdir())
+        print(
+            f"[panet] warning: the working directory was deleted; going on in "
+            f"{tempfile.gettempdir()} (every path of the job is absolute)",
+            flush=True,
+        )
+
+
+def checkpoint_location(checkpoint: Any) -> str:
+    """A Ray Train checkpoint's location as the pipeline writes it: a path or an s3:// URI."""
+    kind = checkpoint.filesystem.type_name
+    if kind == "local":
+        return str(checkpoint.path)
+    scheme = {"gcs": "gs"}.get(kind, kind)
+    return f"{scheme}://{checkpoint.path}"
+
+
+def check_cluster_storage(job: JobConfig) -> None:
+    """On a cluster of several nodes, every node must see the data, checkpoints and tracking.
+
+    A local path on one node is not on the others; a SQLite tracking store in such a folder
+    would be written by whichever node rank 0 lands on. One small task per node checks (see
+    `storage.check_on_every_node`); a single node has nothing to check.
+    """
+    import ray
+
+    from pipeline.tracking import runs as tracking
+
+    if sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
+        return
+    writable = {"checkpoint.storage_path": job.checkpoint.storage_path}
+    uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
+    db = uri[len("sqlite:///") :].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if db:
+        # Named so the message says what to do: a server instead of a file on one node.
+        writable["tracking.uri (the default SQLite store; or set a tracking server)"] = str(
+            Path(db).parent
+        )
+    readable = {"data.train": job.data.train, "data.val": job.data.val}
+    storage.check_on_every_node(readable, writable)
 
 
 def coco_metrics(saved: dict[str, Any]) -> dict[str, float]:
@@ -514,8 +642,24 @@ def decode_options(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> dict[str, float]:
-    """`panet eval`: distributed inference over `data`, scored with pycocotools on rank 0."""
+def run_eval(
+    checkpoint: str, data: str, num_workers: int, batch_size: int, use_gpu: bool = False
+) -> dict[str, float]:
+    """`panet eval`: distributed inference over `data`, scored with pycocotools on rank 0.
+
+    The metrics (or a worker's setup error) come back through a Ray actor, not a file: rank 0
+    may run on another node than the driver.
+
+    Args:
+        checkpoint: a checkpoint directory or its state.pt (a path or an s3:// / gs:// URI).
+        data: the shard directory to evaluate (a path or a URI).
+        num_workers: Ray Train workers.
+        batch_size: images per inference batch and worker.
+        use_gpu: one GPU per worker.
+
+    Returns:
+        The 12 COCO metrics.
+    """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -525,6 +669,7 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
     from pipeline.train.checkpoints import load_state
     from pipeline.train.loop import eval_loop_per_worker
 
+    checkpoint, data = storage.absolute(checkpoint), storage.absolute(data)
     state = load_state(checkpoint)  # fails here, naming the file, before Ray starts
     manifest = load_manifest(data)
     names = [c["name"] for c in manifest["categories"]]
@@ -538,25 +683,51 @@ def run_eval(checkpoint: str, data: str, num_workers: int, batch_size: int) -> d
         ray.init(address=address) if address else ray.init(
             num_cpus=max(os.cpu_count() or 1, num_workers + 2)
         )
-    path = str(Path(checkpoint).resolve())
-    storage = Path(tempfile.mkdtemp(prefix="panet-eval-"))
-    metrics_path = storage / "metrics.json"
-    trainer = TorchTrainer(
-        eval_loop_per_worker,
-        train_loop_config={
-            "checkpoint": path,
-            "data": str(Path(data).resolve()),
-            "batch_size": batch_size,
-            "inverse_labels": inverse_label_map(manifest),
-            "metrics_path": str(metrics_path),
-        },
-        scaling_config=ScalingConfig(num_workers=num_workers),
-        run_config=RunConfig(
-            name=f"eval-{os.getpid()}", storage_path=str(storage), worker_runtime_env=worker_env()
-        ),
-        datasets={"eval": build_eval_dataset(data, **decode_options(state["config"]))},
-        dataset_config=ReaderDataConfig(eval_datasets=("eval",), preserve_order=True),
-    )
-    trainer.fit()
-    raise_failure(metrics_path.with_name(FAILED_FILE))  # a worker's setup error, not retried
-    return {k: float(v) for k, v in json.loads(metrics_path.read_text()).items()}
+    keep_working_directory()
+    if use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if num_workers > gpus and not autoscaler_max_resources():
+            raise ValueError(
+                f"--gpu: {num_workers} workers need one GPU each, but the cluster has {gpus:g}"
+            )
+    results = ray.remote(num_cpus=0)(ResultBox).remote()
+    with tempfile.TemporaryDirectory(prefix="panet-eval-") as run_storage:
+        trainer = TorchTrainer(
+            eval_loop_per_worker,
+            train_loop_config={
+                "checkpoint": checkpoint,
+                "data": data,
+                "batch_size": batch_size,
+                "inverse_labels": inverse_label_map(manifest),
+                "results": results,
+            },
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+            run_config=RunConfig(
+                name=f"eval-{os.getpid()}",
+                storage_path=run_storage,
+                worker_runtime_env=worker_env(),
+            ),
+            datasets={"eval": build_eval_dataset(data, **decode_options(state["config"]))},
+            dataset_config=ReaderDataConfig(eval_datasets=("eval",), preserve_order=True),
+        )
+        trainer.fit()
+    answer = ray.get(results.get.remote())
+    ray.kill(results)
+    if "error" in answer:
+        raise ValueError(answer["error"])
+    if "metrics" not in answer:
+        raise RuntimeError("panet eval: the workers finished without reporting metrics")
+    return {k: float(v) for k, v in answer["metrics"].items()}
+
+
+class ResultBox:
+    """A Ray actor the eval workers hand their result to: {"metrics": ...} or {"error": ...}."""
+
+    def __init__(self) -> None:
+        self._answer: dict[str, Any] = {}
+
+    def put(self, key: str, value: Any) -> None:
+        self._answer.setdefault(key, value)  # the first error wins
+
+    def get(self) -> dict[str, Any]:
+        return dict(self._answer)

@@ -37,6 +37,7 @@ from pipeline.train.checkpoints import (
     rng_state,
     save_state,
 )
+from pipeline.train.elastic import elastic_step, group_steps, micro_batches, record_world
 from pipeline.train.failures import FAILED_FILE, NON_RETRYABLE, setup_or_none
 from pipeline.train.quiet import quiet_worker
 from pipeline.train.solver import build_optimizer, build_scheduler
@@ -118,6 +119,23 @@ def train_step(
     A step whose loss is not finite on some rank is skipped on every rank (no backward), so
     DDP's gradient all-reduce stays in step.
     """
+    loss_dict, total = forward_losses(model, images, targets, job, device)
+    if any_rank(~torch.isfinite(total.detach())):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_dict, first_bad_term(loss_dict)
+    scaler.scale(total).backward()
+    apply_gradients(model, optimizer, scaler, job)
+    return loss_dict, None
+
+
+def forward_losses(
+    model: nn.Module,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    job: JobConfig,
+    device: torch.device,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The model's loss terms and their sum, under the job's AMP on a GPU."""
     amp = job.solver.amp if device.type == "cuda" else "off"
     with torch.autocast(
         device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp != "off"
@@ -125,17 +143,19 @@ def train_step(
         loss_dict = model(images, targets)
     total = sum(loss_dict.values())
     assert isinstance(total, Tensor)
-    if any_rank(~torch.isfinite(total.detach())):
-        optimizer.zero_grad(set_to_none=True)
-        return loss_dict, first_bad_term(loss_dict)
-    scaler.scale(total).backward()
+    return loss_dict, total
+
+
+def apply_gradients(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, job: JobConfig
+) -> None:
+    """Clip (if configured), step the optimizer through the scaler, clear the gradients."""
     if job.solver.clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), job.solver.clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_dict, None
 
 
 def step_and_schedule(
@@ -226,6 +246,7 @@ def save_checkpoint(
                 epoch=step // ctx["steps_per_epoch"],
                 rng=rng_state(),
                 mlflow_run_id=ctx["run_id"],
+                world_size=world()[1],
                 num_classes=ctx["num_classes"],
                 categories=ctx["categories"],
                 config=job.to_dict(),
@@ -277,12 +298,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     check_amp_support(job.solver.amp, device)
     torch.manual_seed(job.seed)
-    state, step, metrics = None, 0, {}
+    state, step, metrics, saved_world = None, 0, {}, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_state(d)
         step, metrics = int(state["step"]), dict(state.get("metrics", {}))
+        saved_world = int(state.get("world_size", 0))
     # A weights file that is missing or does not fit fails once, not on every retry.
     built = setup_or_none(
         functools.partial(build_training, job, config["num_classes"], device, state),
@@ -308,6 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # NCCL: the gloo group every evaluation gathers over, made now so a bad network fails here.
     gather_group()
     ctx = dict(config, job=job, gt=None)
+    record_world(ctx, step, saved_world)  # the nodes, and a resize since the checkpoint
     if rank == 0:
         ctx["gt"] = coco_ground_truth(job.data.val)
     total_steps = job.solver.max_steps
@@ -371,6 +394,8 @@ def train_loop(
     window = Window()
     run_start, run_start_step = time.perf_counter(), step
     train_shard = ray.train.get_dataset_shard("train")
+    # Fewer workers than scaling.num_workers (elastic): this rank's share of the global batch.
+    share = micro_batches(job.scaling.num_workers, size, rank)
     while step < total_steps:
         # A resumed run finishes its epoch with a fresh pass over the data.
         n = min(steps_per_epoch - step % steps_per_epoch, total_steps - step)
@@ -379,19 +404,24 @@ def train_loop(
         batches = iter_train_batches(
             train_shard,
             job.local_batch_size,
-            n,
+            n * share.count,
             stats,
             group_window=job.data.group_window,
             seed=(job.seed, step // steps_per_epoch, rank),
             image_dtype=torch.uint8,
         )
         prepared = in_background(batches, pin_memory=device.type == "cuda")
-        for images, targets in prepared:
+        for group in group_steps(prepared, share.count):
             data_wait = time.perf_counter() - waited_from
-            images, targets = to_device(images, targets, device)
-            loss_dict, bad, window.lr = step_and_schedule(
-                model, images, targets, optimizer, scheduler, scaler, job, device
-            )
+            if share.accumulating:
+                loss_dict, bad, window.lr, images = elastic_step(
+                    model, group, share, optimizer, scheduler, scaler, job, device
+                )
+            else:
+                images, targets = to_device(*group[0], device)
+                loss_dict, bad, window.lr = step_and_schedule(
+                    model, images, targets, optimizer, scheduler, scaler, job, device
+                )
             step += 1
             if bad is not None:
                 bad_steps += 1

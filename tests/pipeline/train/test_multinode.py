@@ -1,0 +1,414 @@
+"""Several nodes: elastic gradient accumulation, and a real two-node Ray cluster.
+
+The cluster tests start two Ray nodes on this machine (two raylets, each its own temp dir,
+logical CPUs and one unit of a custom resource, token authentication on), an S3-compatible
+server and an `mlflow server`, and submit the tiny training job with the `ray job submit`
+client. They stop only the processes they started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from pipeline.train.elastic import accumulate_step, group_steps, micro_batches
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation keeps the global batch
+
+
+class ToyDetector(nn.Module):
+    """torchvision's calling convention on a linear model: the loss is a mean over images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        x = torch.stack(images)  # (B, 4)
+        y = torch.stack([t["y"] for t in targets])  # (B, 1)
+        return {"loss_a": ((self.fc(x) - y) ** 2).mean(), "loss_b": self.fc(x).abs().mean()}
+
+
+class _Job:
+    class solver:  # noqa: N801 - mirrors JobConfig.solver
+        amp = "off"
+        clip_grad_norm = 0.0
+
+
+def _micro_batches(n: int, size: int = 2) -> list[tuple[list[Tensor], list[dict[str, Tensor]]]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        images = [torch.randn(4, generator=g) for _ in range(size)]
+        targets = [{"y": torch.randn(1, generator=g)} for _ in range(size)]
+        out.append((images, targets))
+    return out
+
+
+def _full_world_step(max_workers: int) -> Tensor:
+    """Reference: one SGD step on the mean gradient of `max_workers` micro-batches."""
+    model = ToyDetector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for images, targets in _micro_batches(max_workers):
+        loss = sum(model(images, targets).values()) / max_workers
+        loss.backward()
+    opt.step()
+    return model.fc.weight.detach().clone()
+
+
+def test_micro_batch_shares_cover_the_full_world_once() -> None:
+    for max_workers in range(1, 6):
+        for size in range(1, max_workers + 1):
+            shares = [micro_batches(max_workers, size, r) for r in range(size)]
+            assert sum(s.count for s in shares) == max_workers
+            assert {s.passes for s in shares} == {max(s.count for s in shares)}
+            assert all(s.weight == size / max_workers for s in shares)
+    assert micro_batches(2, 2, 1).accumulating is False and micro_batches(2, 1, 0).count == 2
+    with pytest.raises(ValueError, match="world_size"):
+        micro_batches(2, 3, 0)
+    assert list(group_steps(range(5), 2)) == [[0, 1], [2, 3], [4]]
+
+
+def test_one_worker_accumulates_the_missing_ranks_share() -> None:
+    model = ToyDetector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    share = micro_batches(max_workers=3, world_size=1, rank=0)
+    micro = _micro_batches(3)
+    losses, bad = accumulate_step(model, micro, share, opt, scaler, _Job, torch.device("cpu"))
+    assert bad is None and set(losses) == {"loss_a", "loss_b"}
+    torch.testing.assert_close(model.fc.weight, _full_world_step(3))
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = nn.parallel.DistributedDataParallel(ToyDetector())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        share = micro_batches(max_workers=3, world_size=2, rank=rank)  # 2 + 1 micro-batches
+        micro = [b for i, b in enumerate(_micro_batches(3)) if i % 2 == rank]
+        accumulate_step(model, micro, share, opt, scaler, _Job, torch.device("cpu"))
+        torch.save(model.module.fc.weight.detach().clone(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_of_three_workers_keep_the_global_batch(tmp_path: Path) -> None:
+    """2 DDP ranks over gloo doing 3 workers' micro-batches (an uneven share) = the full world."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    reference = _full_world_step(3)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), reference)
+
+
+def test_driver_goes_on_when_its_working_directory_is_deleted(tmp_path: Path) -> None:
+    """What a second raylet sharing the head's temp dir does to a `ray job submit` driver."""
+    script = f"""
+import os, shutil
+from pipeline.train.driver import keep_working_directory
+from pipeline.tracking import runs as tracking
+os.chdir({str(tmp_path / "cwd")!r}); shutil.rmtree({str(tmp_path / "cwd")!r})
+keep_working_directory()
+print(tracking.start_or_resume_run("sqlite:///{tmp_path}/mlflow.db", "e", "job", None, {{}}))
+"""
+    (tmp_path / "cwd").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "working directory was deleted" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# A real two-node cluster: `ray job submit`, S3 storage, an MLflow server
+
+SLOT = "train_slot"  # one unit on each node: the two train workers land on different nodes
+
+
+@dataclass
+class Stack:
+    cluster: Any
+    s3_env: dict[str, str]
+    mlflow: str
+    shards: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Two Ray nodes, an S3 server holding the shards, an MLflow server with S3 artifacts."""
+    from tests.mlflow_server import mlflow_server
+    from tests.ray_cluster import NodeSpec, ray_cluster
+    from tests.s3_server import s3_server
+
+    root = tmp_path_factory.mktemp("multinode")
+    (root / "mlflow").mkdir()
+    with contextlib.ExitStack() as stop:
+        s3_env = stop.enter_context(s3_server(root))
+        env = stop.enter_context(pytest.MonkeyPatch.context())
+        for key, value in s3_env.items():
+            env.setenv(key, value)
+        mlflow = stop.enter_context(mlflow_server(root / "mlflow", artifacts="s3://panet/mlflow"))
+        cluster = stop.enter_context(
+            ray_cluster(
+                num_cpus=3,
+                resources={SLOT: 1},
+                extra_nodes=[NodeSpec(num_cpus=2, resources={SLOT: 1})],
+            )
+        )
+        yield Stack(cluster, s3_env, mlflow, _shards_on_s3(root))
+
+
+def _shards_on_s3(root: Path) -> dict[str, str]:
+    from pipeline.cli import main as panet
+    from pipeline.data.synth import write_synthetic
+
+    out = {}
+    for split, images, seed in (("train", 16, 0), ("val", 4, 1)):
+        write_synthetic("coco", images, seed, root / "raw" / split, split=split)
+        raw = root / "raw" / split
+        out[split] = f"s3://panet/data/{split}"
+        args = ["data", "convert", "coco", "--out", out[split], "--workers", "1", "--quiet"]
+        args += ["--annotations", str(raw / "annotations" / f"instances_{split}.json")]
+        args += ["--images", str(raw / "images" / split)]
+        assert panet(args) == 0
+    return out
+
+
+def _ray(stack: Stack, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(REPO / ".venv" / "bin" / "ray"), *args],
+        env=stack.cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def submit(stack: Stack, name: str, wait: bool, **sets: Any) -> subprocess.CompletedProcess:
+    """`ray job submit` of the tiny job, data and checkpoints on S3, MLflow on the server."""
+    config = {
+        "name": name,
+        "data.train": stack.shards["train"],
+        "data.val": stack.shards["val"],
+        "data.train_scales": [128, 160],
+        "data.max_size": 200,
+        "data.decode_concurrency": 1,
+        "solver.warmup_steps": 1,
+        "eval.every_steps": 0,
+        "eval.pictures": 0,
+        "eval.batch_size": 2,
+        "log_every": 1,
+        "checkpoint.storage_path": "s3://panet/runs",
+        "scaling.worker_resource": SLOT,
+        "tracking.log_model": False,
+        "ray.max_failures": 3,
+        **sets,
+    }
+    runtime_env = {"env_vars": {**stack.s3_env, "MLFLOW_TRACKING_URI": stack.mlflow}}
+    args = ["job", "submit", "--address", stack.cluster.dashboard_url, "--working-dir", str(REPO)]
+    args += ["--submission-id", name, "--runtime-env-json", json.dumps(runtime_env)]
+    args += [] if wait else ["--no-wait"]
+    args += ["--", "python", "-m", "pipeline.cli", "train", "--config", str(CONFIG_REL)]
+    for key, value in config.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return _ray(stack, *args)
+
+
+CONFIG_REL = Path("jobs") / "configs" / "tiny_synth.yaml"
+
+
+def job_status(stack: Stack, name: str) -> str:
+    out = _ray(stack, "job", "status", "--address", stack.cluster.dashboard_url, name).stdout
+    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if status in out:
+            return status
+    return "UNKNOWN"
+
+
+def wait_for(what: str, ready: Callable[[], Any], timeout: float, stack: Stack, name: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        if job_status(stack, name) in ("FAILED", "STOPPED", "SUCCEEDED"):
+            break
+        time.sleep(2)
+    logs = _ray(stack, "job", "logs", "--address", stack.cluster.dashboard_url, name).stdout
+    raise AssertionError(f"{what}: not seen\n{logs[-6000:]}")
+
+
+def job_logs(stack: Stack, name: str) -> str:
+    return _ray(stack, "job", "logs", "--address", stack.cluster.dashboard_url, name).stdout
+
+
+def finish(stack: Stack, name: str, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := job_status(stack, name)) in ("RUNNING", "PENDING", "UNKNOWN"):
+        assert time.monotonic() < deadline, f"job {name} still {status}\n{job_logs(stack, name)}"
+        time.sleep(3)
+    return status
+
+
+def mlflow_run(stack: Stack, name: str) -> Any:
+    """The job's one MLflow run (asserting there is exactly one)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.mlflow)
+    experiment = client.get_experiment_by_name("panet-demo")
+    runs = client.search_runs([experiment.experiment_id], f"tags.job = '{name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def checkpoints(name: str) -> list[str]:
+    """The job's checkpoint directories on S3, each checked to be whole."""
+    from pipeline import storage
+
+    steps = [n for n in storage.list_names(f"s3://panet/runs/{name}") if n.startswith("step-")]
+    for step in steps:
+        files = storage.list_names(f"s3://panet/runs/{name}/{step}")
+        assert {"state.pt", "metrics.json"} <= set(files), (step, files)  # never half-written
+    return steps
+
+
+def cluster_node_ids(stack: Stack, alive: bool = False) -> set[str]:
+    from tests.ray_cluster import _get
+
+    url = f"{stack.cluster.dashboard_url}/api/v0/nodes?limit=100"
+    nodes = json.loads(_get(url, stack.cluster.token))["data"]["result"]["result"]
+    return {n["node_id"] for n in nodes if not alive or n.get("state") == "ALIVE"}
+
+
+def alive_nodes(stack: Stack) -> int:
+    from tests.ray_cluster import _alive_nodes
+
+    return _alive_nodes(stack.cluster.dashboard_url, stack.cluster.token)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submitted_job_trains_on_two_nodes(stack: Stack) -> None:
+    out = submit(stack, "two-nodes", wait=True, **{"solver.max_steps": 2})
+    assert job_status(stack, "two-nodes") == "SUCCEEDED", out.stdout[-6000:] + out.stderr[-3000:]
+    run = mlflow_run(stack, "two-nodes")
+    nodes = json.loads(run.data.tags["worker_nodes"])
+    assert len(set(nodes)) == 2 and set(nodes) <= cluster_node_ids(stack)
+    assert run.info.status == "FINISHED" and run.data.metrics["world_size"] == 2
+    assert checkpoints("two-nodes") == ["step-00000002"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_losing_a_node_resumes_from_the_last_checkpoint(stack: Stack) -> None:
+    name = "node-loss"
+    wait_for_nodes(stack, 2)
+    out = submit(stack, name, wait=False, **{"solver.max_steps": 12, "checkpoint.every_steps": 3})
+    assert out.returncode == 0, out.stderr
+    wait_for("a first checkpoint", lambda: checkpoints(name), 300, stack, name)
+    stack.cluster.nodes.stop(0)
+    time.sleep(10)  # the job sees the lost node and waits for capacity
+    stack.cluster.nodes.start(0)
+    assert finish(stack, name) == "SUCCEEDED", job_logs(stack, name)[-6000:]
+    logs = job_logs(stack, name)
+    assert "resumed from the checkpoint at step" in logs
+    assert checkpoints(name)[-1] == "step-00000012"
+    run = mlflow_run(stack, name)
+    assert run.info.status == "FINISHED"
+    assert len(set(json.loads(run.data.tags["worker_nodes"]))) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_elastic_job_shrinks_and_grows_back(stack: Stack) -> None:
+    from pipeline import storage
+
+    name = "elastic"
+    wait_for_nodes(stack, 2)
+    sets = {
+        "solver.max_steps": 40,
+        "checkpoint.every_steps": 3,
+        "scaling.num_workers": [1, 2],
+        "scaling.resize_interval_s": 5.0,
+    }
+    assert submit(stack, name, wait=False, **sets).returncode == 0
+    wait_for("a first checkpoint", lambda: checkpoints(name), 300, stack, name)
+    kept = int(checkpoints(name)[-1].removeprefix("step-"))
+    stack.cluster.nodes.stop(0)
+
+    def resizes() -> list[dict]:
+        tags = mlflow_run(stack, name).data.tags
+        return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("resize.")]
+
+    down = wait_for("a resize to 1 worker", resizes, 300, stack, name)[0]
+    assert (down["old"], down["new"]) == (2, 1)
+    assert down["step"] >= kept  # at most one checkpoint interval lost
+    stack.cluster.nodes.start(0)
+    wait_for("a resize back to 2 workers", lambda: len(resizes()) > 1, 300, stack, name)
+    assert finish(stack, name) == "SUCCEEDED", job_logs(stack, name)[-6000:]
+    up = resizes()[1]
+    assert (up["old"], up["new"]) == (1, 2) and up["step"] > down["step"]
+    run = mlflow_run(stack, name)
+    assert run.info.status == "FINISHED"
+    assert storage.is_file(f"s3://panet/runs/{name}/step-00000040/state.pt")
+
+
+def wait_for_nodes(stack: Stack, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while alive_nodes(stack) != n:
+        assert time.monotonic() < deadline, f"{n} nodes not alive"
+        time.sleep(1)
+
+
+@pytest.mark.ray
+def test_storage_check_runs_on_every_node(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from pipeline import storage
+
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(key, stack.cluster.env[key])
+    wait_for_nodes(stack, 2)
+    ray.init(address=stack.cluster.address, runtime_env={"env_vars": stack.s3_env})
+    try:
+        storage.check_on_every_node(
+            {"data.train": stack.shards["train"]}, {"checkpoint.storage_path": "s3://panet/runs"}
+        )
+        with pytest.raises(ValueError) as err:
+            storage.check_on_every_node({"data.val": "s3://panet/no/such/shards"}, {})
+        message = str(err.value)
+        assert message.count("config key 'data.val'") == 2  # one line per node
+        assert all(node[:12] in message for node in cluster_node_ids(stack, alive=True))
+        assert not [n for n in storage.list_names("s3://panet/runs") if "probe" in n]
+    finally:
+        ray.shutdown()
