@@ -122,6 +122,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="shard directory of the images to evaluate")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers")
     p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch and worker")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.set_defaults(func=cmd_eval)
 
 
@@ -186,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         checkpoint = pick_checkpoint(args.checkpoint, best=args.best)
-        metrics = run_eval(checkpoint, args.data, args.workers, args.batch_size)
+        metrics = run_eval(checkpoint, args.data, args.workers, args.batch_size, args.gpu)
     except (ValueError, FileNotFoundError) as err:
         print(f"panet eval: error: {err}", file=sys.stderr)
         return 2
