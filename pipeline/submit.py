@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -66,9 +66,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_submit)
 
 
+class _OptionParser(argparse.ArgumentParser):
+    """Options after the job name: a bad one is a SubmitError, not an exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SubmitError(message)
+
+
 def _options() -> argparse.ArgumentParser:
     """`panet submit`'s options, accepted before and after the job name."""
-    p = argparse.ArgumentParser(add_help=False, prog="panet submit")
+    p = _OptionParser(add_help=False, prog="panet submit")
     p.add_argument(
         "--address",
         help="the cluster's dashboard, e.g. http://127.0.0.1:8265 "
@@ -119,14 +126,8 @@ def split_job(args: argparse.Namespace) -> argparse.Namespace:
     rest = tokens[1:]
     cut = rest.index("--") if "--" in rest else len(rest)
     before, args.job_args = rest[:cut], rest[cut + 1 :]
-    parser = _options()
-    parser.error = _refuse  # type: ignore[method-assign]
-    parser.parse_args(before, namespace=args)  # keeps the values given before the job name
+    _options().parse_args(before, namespace=args)  # keeps the values given before the job name
     return args
-
-
-def _refuse(message: str) -> None:
-    raise SubmitError(message)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
