@@ -28,28 +28,17 @@ def test_train_bad_key_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2 and "solver.nope" in err and "Traceback" not in err
 
 
-def test_train_dry_run_checks_the_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.data.convert_coco import convert_coco
-    from pipeline.data.synth import write_synthetic
-
-    write_synthetic("coco", 8, 0, tmp_path / "raw", split="train")
-    shards = tmp_path / "shards"
-    convert_coco(
-        tmp_path / "raw/annotations/instances_train.json",
-        tmp_path / "raw/images/train",
-        shards,
-        workers=1,
-        progress=False,
-    )
-    args = ["train", "--config", str(REPO / "jobs/configs/tiny_synth.yaml"), "--dry-run",
-            "--set", f"data.train={shards}", "--set", f"data.val={shards}"]  # fmt: skip
+def test_train_dry_run_checks_the_data(
+    shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = train_args(shards, tmp_path)
     assert main(args) == 0
-    assert "8 training images, 2 steps/epoch" in capsys.readouterr().out
+    assert "4 training images, 2 steps/epoch" in capsys.readouterr().out
     # More images per step than the data set holds: named before any worker starts.
     assert main([*args, "--set", "solver.ims_per_batch=16"]) == 2
     assert "solver.ims_per_batch" in capsys.readouterr().err
     # A directory that is not a shard directory.
-    assert main([*args[:-1], f"data.val={tmp_path / 'raw'}"]) == 2
+    assert main([*args, "--set", f"data.val={shards['val'].parent.parent / 'raw'}"]) == 2
     assert "data.val" in capsys.readouterr().err
 
 

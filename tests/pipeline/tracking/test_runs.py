@@ -11,7 +11,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from pipeline.tracking import runs as tracking
-from tests.mlflow_server import free_port, mlflow_server
+from tests.mlflow_server import free_port, mlflow_server, stop_group
 
 
 @pytest.fixture(autouse=True)
@@ -397,12 +396,7 @@ def test_ui_command_serves_the_run_page(local_uri: str, tmp_path: Path) -> None:
             run = json.load(answer)["run"]
         assert run["data"]["metrics"][0]["key"] == "bbox/AP"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 # ---------------------------------------------------------------------------------------------
