@@ -84,13 +84,82 @@ def crd_schema(kind: str, version: str = "v1") -> dict:
     return schema
 
 
+def core_schemas() -> dict[str, dict]:
+    """Strict schemas of the plain Kubernetes kinds in infra/k8s, built from the core/v1 types
+    the RayCluster CRD embeds (its pod template, head Service spec and PVC spec)."""
+    head = crd_schema("RayCluster")["properties"]["spec"]["properties"]["headGroupSpec"]
+    pod_template = head["properties"]["template"]
+    service_spec = head["properties"]["headService"]["properties"]["spec"]
+    volume = pod_template["properties"]["spec"]["properties"]["volumes"]["items"]["properties"]
+    pvc_spec = volume["ephemeral"]["properties"]["volumeClaimTemplate"]["properties"]["spec"]
+    strings = {"type": "object", "additionalProperties": {"type": "string"}}
+    selector = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["matchLabels"],
+        "properties": {"matchLabels": strings},
+    }
+
+    def kind(api: str, name: str, spec: dict | None = None, **extra: dict) -> dict:
+        props = {"apiVersion": {"const": api}, "kind": {"const": name}, "metadata": OBJECT_META}
+        if spec is not None:
+            props["spec"] = spec
+        props.update(extra)
+        required = ["apiVersion", "kind", "metadata"] + (["spec"] if spec is not None else [])
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "required": required,
+            "properties": props,
+        }
+
+    def workload(**extra: dict) -> dict:
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "template"],
+            "properties": {
+                "replicas": {"type": "integer"},
+                "selector": selector,
+                "template": pod_template,
+                **extra,
+            },
+        }
+
+    claim = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["metadata", "spec"],
+        "properties": {"metadata": OBJECT_META, "spec": pvc_spec},
+    }
+    return {
+        "Namespace": kind("v1", "Namespace"),
+        "ConfigMap": kind("v1", "ConfigMap", data=strings),
+        "PersistentVolumeClaim": kind("v1", "PersistentVolumeClaim", pvc_spec),
+        "Service": kind("v1", "Service", service_spec),
+        "Deployment": kind("apps/v1", "Deployment", workload()),
+        "StatefulSet": kind(
+            "apps/v1",
+            "StatefulSet",
+            workload(
+                serviceName={"type": "string"},
+                volumeClaimTemplates={"type": "array", "items": claim},
+            ),
+        ),
+    }
+
+
 SCHEMAS: dict[str, dict] = {}
 
 
-def kuberay_errors(doc: dict) -> list[str]:
+def manifest_errors(doc: dict) -> list[str]:
+    """Every way `doc` breaks its kind's strict schema (KubeRay CRD or core type)."""
+    if not SCHEMAS:
+        SCHEMAS.update(core_schemas())
+        SCHEMAS.update({k: crd_schema(k) for k in ("RayCluster", "RayJob")})
     kind = doc.get("kind", "")
     if kind not in SCHEMAS:
-        SCHEMAS[kind] = crd_schema(kind)
+        return [f"kind {kind!r} has no schema here"]
     validator = jsonschema.Draft7Validator(SCHEMAS[kind])
     return [
         f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
@@ -109,11 +178,12 @@ def kuberay_docs() -> list[dict]:
     return [d for d in all_k8s() if d["apiVersion"].startswith("ray.io/")]
 
 
-def test_kuberay_manifests_validate_strictly() -> None:
+def test_every_kubernetes_manifest_validates_strictly() -> None:
     kinds = sorted(d["kind"] for d in kuberay_docs())
     assert kinds == ["RayCluster", "RayJob"]
-    for doc in kuberay_docs():
-        assert kuberay_errors(doc) == [], doc["kind"]
+    assert {d["kind"] for d in all_k8s()} == set(SCHEMAS or core_schemas()) | {*kinds}
+    for doc in all_k8s():
+        assert manifest_errors(doc) == [], (doc["kind"], doc["metadata"]["name"])
 
 
 def broken(doc: dict, path: list, value: Any = None, rename: str | None = None) -> dict:
@@ -129,11 +199,18 @@ def broken(doc: dict, path: list, value: Any = None, rename: str | None = None) 
     return out
 
 
-def test_broken_kuberay_manifests_fail() -> None:
+def test_broken_manifests_fail() -> None:
     (cluster,) = [d for d in kuberay_docs() if d["kind"] == "RayCluster"]
     (job,) = [d for d in kuberay_docs() if d["kind"] == "RayJob"]
     gpu = ["spec", "workerGroupSpecs", 0]
     container = [*gpu, "template", "spec", "containers", 0]
+    server = named("Deployment", "mlflow")
+    server_container = ["spec", "template", "spec", "containers", 0]
+    db = named("StatefulSet", "mlflow-postgres")
+    claim = named("PersistentVolumeClaim", "panet-shared")
+    env = named("ConfigMap", "panet-env")
+    service = named("Service", "mlflow")
+    namespace = named("Namespace", "panet")
     cases = [
         (cluster, broken(cluster, [*gpu, "maxReplicas"], rename="maxReplica"), "maxReplica"),
         (cluster, broken(cluster, [*gpu, "maxReplicas"], "two"), "'two' is not of type"),
@@ -144,10 +221,20 @@ def test_broken_kuberay_manifests_fail() -> None:
         (job, broken(job, ["spec", "entrypoint"], rename="entryPoint"), "entryPoint"),
         (job, broken(job, ["spec", "backoffLimit"], "none"), "not of type"),
         (job, broken(job, ["apiVersion"], "ray.io/v2"), "ray.io/v1"),
+        (server, broken(server, [*server_container, "ports"], rename="port"), "port"),
+        (server, broken(server, [*server_container, "args"], "mlflow server"), "not of type"),
+        (db, broken(db, ["spec", "replicas"], "1"), "not of type"),
+        (db, broken(db, ["spec", "serviceName"], rename="service"), "service"),
+        (claim, broken(claim, ["spec", "accessModes"], "ReadWriteMany"), "not of type"),
+        (env, broken(env, ["data", "MLFLOW_HTTP_REQUEST_TIMEOUT"], 60), "not of type"),
+        (service, broken(service, ["spec", "selector"], rename="selectr"), "selectr"),
+        (service, broken(service, ["spec", "ports", 0, "port"], "5000"), "not of type"),
+        (namespace, broken(namespace, ["kind"], "Namspace"), "no schema"),
+        (namespace, broken(namespace, ["metadata", "name"], "Panet"), "does not match"),
     ]
     for good, bad, needle in cases:
-        assert kuberay_errors(good) == []
-        errors = kuberay_errors(bad)
+        assert manifest_errors(good) == []
+        errors = manifest_errors(bad)
         assert errors and any(needle in e for e in errors), (needle, errors)
 
 
