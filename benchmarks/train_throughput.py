@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 
 WARMUP_WINDOWS = 2  # progress windows dropped before averaging (model build, first epoch)
 
@@ -136,6 +137,7 @@ def main() -> None:
     steps = args.steps or (40 if args.quick else 120)
     log_every = 5 if args.quick else 10
     batch = 2
+    machine = print_machine()
 
     import ray
 
@@ -179,6 +181,7 @@ def main() -> None:
                 "speedup_2w": round(speedup, 3),
                 "scaling_efficiency_2w": round(speedup / 2, 3),
                 "steps": steps,
+                "machine": machine,
             }
         )
     )
