@@ -169,7 +169,15 @@ def connect(address: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # connection refused, 401, wrong port: one line, not a traceback
-        raise SubmitError(f"cannot reach the job server at {address}: {_first_line(err)}") from err
+        hint = ""
+        if "auth" in str(err).lower():
+            hint = (
+                " (token authentication: export RAY_AUTH_MODE=token and put the cluster's token "
+                "in ~/.ray/auth_token, the file named by RAY_AUTH_TOKEN_PATH, or RAY_AUTH_TOKEN)"
+            )
+        raise SubmitError(
+            f"cannot reach the job server at {address}: {_first_line(err)}{hint}"
+        ) from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -186,16 +186,15 @@ def test_each_entrypoint_reaches_the_real_sub_command(job, monkeypatch, capsys) 
 
 def test_train_entrypoint_checks_a_config_like_panet_train(shards, tmp_path) -> None:
     sets = tiny_sets(shards, tmp_path, "entry")
-    for cmd in (["-m", "jobs.train"], ["-m", "pipeline.cli", "train"]):
-        out = subprocess.run(
-            [sys.executable, *cmd, "--config", CONFIG, *sets, "--dry-run"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stderr
-        assert "config and data OK: 8 training images" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", CONFIG, *sets, "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "config and data OK: 8 training images" in out.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "jobs.train", "--config", CONFIG, "--set", "solver.max_steps=0"],
         cwd=REPO,
@@ -376,4 +375,5 @@ def test_bad_config_or_no_token_submits_nothing(cluster, shards, working_dir, tm
         timeout=120,
     )
     assert out.returncode == 2 and "panet submit: error: cannot reach the job server" in out.stderr
+    assert "export RAY_AUTH_MODE=token" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
