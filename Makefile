@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo sweep-demo test lint bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
+
+sweep-demo: $(STAMP)
+	$(BIN)/python -m pipeline.tune.demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/model_step.py --quick

@@ -1,0 +1,239 @@
+"""Sweeps end to end on one local Ray cluster (with its dashboard) and one real `mlflow server`.
+
+A 3-trial ASHA sweep whose poor trial (a learning rate that cannot learn) is stopped at the
+first rung; the parent run with its nested children, their params and metrics, the results
+table and chart; an interrupted sweep restored by name; no placement group left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.demo import ensure_shards
+from pipeline.tune.runner import prepare, run_sweep
+from pipeline.tune.sweep import base_job, expand, load_sweep
+from tests.mlflow_server import mlflow_server
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[3]
+CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
+BUDGET = {  # a tiny trial: 6 steps of 128-160 px images, evaluated every 2 steps
+    "solver.max_steps": 6,
+    "solver.warmup_steps": 0,
+    "eval.every_steps": 2,
+    "checkpoint.every_steps": 2,
+    "log_every": 2,
+    "data.train_scales": [128, 160],
+    "data.max_size": 200,
+    "eval.pictures": 1,
+    "tracking.log_model": False,
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "train": ensure_shards(root / "raw", root / "shards", "train", 24, 0),
+        "val": ensure_shards(root / "raw", root / "shards", "val", 8, 1),
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """One local Ray instance for every sweep of the module, with the dashboard (state API)."""
+    ray.init(num_cpus=4, include_dashboard=True)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+def sweep_file(path: Path, **content) -> Path:
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def base_sets(shards: dict[str, Path], storage: Path, server: str) -> dict:
+    return {
+        **BUDGET,
+        "data.train": str(shards["train"]),
+        "data.val": str(shards["val"]),
+        "checkpoint.storage_path": str(storage),
+        "tracking.uri": server,
+        "tracking.experiment": "tune-test",
+    }
+
+
+def live_placement_groups(timeout: float = 90) -> list[str]:
+    """Placement groups not REMOVED once Ray Train's cleaner had `timeout` s to act."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [
+            pg_id
+            for pg_id, pg in ray.util.placement_group_table().items()
+            if pg["state"] != "REMOVED"
+        ]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(2)
+
+
+def children(client: MlflowClient, parent: str) -> dict[str, object]:
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {r.data.tags["sweep.trial"]: r for r in runs}
+
+
+def test_asha_sweep_nested_in_mlflow(
+    shards: dict, cluster: str, server: str, tmp_path: Path
+) -> None:
+    path = sweep_file(
+        tmp_path / "asha.yaml",
+        name="asha",
+        metric="train_loss",
+        scheduler="asha",
+        asha={"grace_period": 4},
+        variants=[
+            {"name": "good", "set": {"solver.base_lr": 0.003}},
+            {"name": "poor", "set": {"solver.base_lr": 1e-9}},  # cannot learn
+            {"name": "good2", "set": {"solver.base_lr": 0.002}, "paper": {"segm_AP": 37.6}},
+        ],
+        concurrency=1,  # in this order, so the poor trial meets the good one at the rung
+    )
+    sweep = load_sweep(str(path))
+    job, base = base_job(CONFIG, base_sets(shards, tmp_path / "runs", server))
+    result = run_sweep(prepare(sweep, expand(sweep), job, base))
+
+    status = {r.trial: r.status for r in result["rows"]}
+    assert status == {"good": "finished", "poor": "early-stopped", "good2": "finished"}
+    steps = {r.trial: r.steps for r in result["rows"]}
+    assert steps == {"good": 6, "poor": 4, "good2": 6}
+    assert not result["unfinished"]
+
+    client = MlflowClient(server)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.trials"] == "3"
+    kids = children(client, parent.info.run_id)
+    assert set(kids) == {"good", "poor", "good2"}
+    for name, run in kids.items():
+        assert run.info.experiment_id == parent.info.experiment_id
+        assert run.info.status == "FINISHED"
+        assert run.data.params["sweep.trial"] == name
+        assert run.data.tags["mlflow.source.name"] == "panet tune"
+        assert "segm/AP" in run.data.metrics and "train/loss" in run.data.metrics
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val"}
+        assert json.loads(inputs["train"].dataset.profile)["num_rows"] == 24
+    assert kids["poor"].data.params["solver.base_lr"] == "1e-09"
+    assert kids["poor"].data.tags["sweep.early_stopped"] == "true"
+    assert kids["poor"].data.tags["sweep.stopped_at_step"] == "4"
+    assert "sweep.early_stopped" not in kids["good"].data.tags
+    best = parent.data.params["best.trial"]
+    assert best in ("good", "good2") and kids[best].data.tags["sweep.best"] == "true"
+
+    # The parent holds the table and the chart, with the trials' numbers.
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
+    assert artifacts == {"results/results.md", "results/results.csv", "results/results.png"}
+    local = Path(client.download_artifacts(parent.info.run_id, "results/results.csv"))
+    table = {r["trial"]: r for r in csv.DictReader(io.StringIO(local.read_text()))}
+    for name, run in kids.items():
+        ap = run.data.metrics["segm/AP"]
+        assert float(table[name]["segm_AP"]) == pytest.approx(ap, abs=1e-6)
+    assert table["poor"]["status"] == "early-stopped" and table["good2"]["paper_segm_AP"] == "37.6"
+    assert live_placement_groups() == []
+
+
+def run_cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`panet ...` in its own session (its process group takes the SIGINT), output to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{what}: not reached\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+def test_interrupted_sweep_restores(
+    shards: dict, cluster: str, server: str, tmp_path: Path
+) -> None:
+    path = sweep_file(
+        tmp_path / "two.yaml",
+        name="two",
+        variants=[
+            {"name": "first", "set": {"seed": 0}},
+            {"name": "second", "set": {"seed": 1}},
+        ],
+    )
+    storage = tmp_path / "runs"
+    args = ["tune", "--sweep", str(path), "--config", str(CONFIG)]
+    for key, value in base_sets(shards, storage, server).items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    trials = storage / "sweeps" / "two" / "trials"
+
+    log1 = tmp_path / "first.log"
+    proc = run_cli(args, env, log1)
+    # Interrupt once the second trial has its first checkpoint: the first one is finished.
+    wait_for(
+        "a checkpoint of the second trial",
+        lambda: any((trials / "second").glob("step-*/state.pt")),
+        proc,
+        log1,
+    )
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=300)
+    interrupted_at = sorted((trials / "second").glob("step-*"))[-1].name
+    assert not (trials / "second" / "step-00000006").exists(), "interrupted too late"
+
+    log2 = tmp_path / "second.log"
+    proc = run_cli(args, env, log2)
+    assert proc.wait(timeout=900) == 0, log2.read_text()[-4000:]
+    text = log2.read_text()
+    resumed = int(interrupted_at.split("-")[1])
+    assert f"resumed from the checkpoint at step {resumed}" in text
+    assert "resumed from the checkpoint at step 6" not in text  # the first trial is not rerun
+    assert "| first |" in text and "| second |" in text
+
+    client = MlflowClient(server)
+    parent = json.loads((storage / "sweeps" / "two" / "sweep_run.json").read_text())["run_id"]
+    kids = children(client, parent)
+    assert set(kids) == {"first", "second"}  # the restored trial went on in its own run
+    exp = client.get_run(parent).info.experiment_id
+    assert len(client.search_runs([exp], "tags.`sweep.trial` = 'second'")) == 1
+    steps = sorted(m.step for m in client.get_metric_history(kids["second"].info.run_id, "segm/AP"))
+    assert steps == [2, 4, 6]  # each evaluation once, before and after the interruption
+    assert all(r.info.status == "FINISHED" for r in kids.values())
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert live_placement_groups() == []
