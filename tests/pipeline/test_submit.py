@@ -232,7 +232,14 @@ def working_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if (REPO / name).is_file():
             (wd / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, wd / name)
-    for junk in (".venv/lib/big.so", "data/coco/train.bin", "runs/job/state.pt"):
+    # .gitignore covers some of them; shards/ and weights/*.pth only .rayignore does.
+    for junk in (
+        ".venv/lib/big.so",
+        "data/coco/train.bin",
+        "runs/job/state.pt",
+        "shards/coco/part-00000.parquet",
+        "weights/resnet50.pth",
+    ):
         (wd / junk).parent.mkdir(parents=True, exist_ok=True)
         (wd / junk).write_bytes(os.urandom(3 << 20))
     return wd
@@ -304,10 +311,10 @@ def test_tiny_job_runs_streams_and_links(cluster, shards, working_dir, tmp_path)
     for package in packages:
         assert (package / "pipeline" / "submit.py").is_file()
         assert (package / "jobs" / "train.py").is_file() and (package / CONFIG).is_file()
-        for left_out in (".venv", "data", "runs", ".git"):
+        for left_out in (".venv", "data", "runs", ".git", "shards", "weights"):
             assert not (package / left_out).exists(), left_out
         size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
-        assert size < 3 << 20, f"uploaded {size / 2**20:.1f} MiB"
+        assert size < 3 << 20, f"uploaded {size / 2**20:.1f} MiB"  # the junk: 15 MiB
 
     # --logs replays a finished job; --list shows it.
     logs = panet(cluster, "--logs", job_id, cwd=working_dir)
