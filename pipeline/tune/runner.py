@@ -24,6 +24,7 @@ from pipeline.tune.sweep import Sweep, Trial, asha_rungs, check_trials, trial_jo
 SWEEP_RUN = "sweep_run.json"  # in the sweep directory: the parent run's id and store
 SWEEP_RECORD = "sweep.json"  # in the sweep directory: the sweep and its expanded trials
 STATE_API_TIMEOUT_S = 30
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
 
 
 @dataclass(frozen=True)
@@ -136,29 +137,65 @@ def concurrency(p: Prepared, cluster: dict[str, float]) -> int:
 
 
 def connect(job: JobConfig, jobs: list[JobConfig]) -> None:
-    """Join the configured cluster, or start a local one with the dashboard.
+    """Join the configured cluster, or start a local one with the dashboard; check its state API.
 
-    Ray Train removes a stopped trial's worker placement group through a cleaner that asks
-    the dashboard's state API whether the trial's controller is alive; without it a stopped
-    trial's placement group stays and every later trial waits for workers.
+    Ray Train removes a stopped trial's worker placement group through a detached cleaner that
+    asks the dashboard's state API whether the trial's Train controller is alive. The cleaner
+    finds that API through `RAY_API_SERVER_ADDRESS` (else by looking for *the* Ray instance of
+    its machine, which fails where several run): every process of the sweep gets it. Without
+    it a stopped trial's placement group stays and every later trial waits for workers.
     """
     import ray
 
     if not ray.is_initialized():
         address = job.ray.address or os.environ.get("RAY_ADDRESS", "")
         if address:
-            ray.init(address=address)
+            from ray.dashboard.utils import get_address_for_submission_client
+
+            url = get_address_for_submission_client(address)
+            os.environ[API_SERVER_ENV] = url
+            ray.init(address=address, runtime_env={"env_vars": {API_SERVER_ENV: url}})
         else:
             need = max(trial_needs(j)["CPU"] for j in jobs) + 1
-            num_cpus = job.ray.num_cpus or math.ceil(max(os.cpu_count() or 1, need))
-            ray.init(num_cpus=num_cpus, include_dashboard=True)
+            start_local_ray(job.ray.num_cpus or math.ceil(max(os.cpu_count() or 1, need)))
     check_state_api()
+
+
+def start_local_ray(num_cpus: int) -> str:
+    """Start a local Ray instance whose dashboard (state API) every process can find.
+
+    Returns:
+        The dashboard's URL.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    os.environ[API_SERVER_ENV] = url  # the raylet and every worker inherit it
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {API_SERVER_ENV: url}},
+    )
+    return url
 
 
 def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
     """Fail with a message, not a hang, if the cluster's state API does not answer."""
     from ray.util.state import list_placement_groups
 
+    if not os.environ.get(API_SERVER_ENV):
+        import ray
+
+        url = ray._private.worker.global_worker.node.address_info.get("webui_url", "")
+        if url:
+            os.environ[API_SERVER_ENV] = url if "://" in url else f"http://{url}"
     try:
         list_placement_groups(limit=1, timeout=int(timeout), raise_on_missing_output=False)
     except Exception as err:  # noqa: BLE001 - any failure means no cleaner: say so

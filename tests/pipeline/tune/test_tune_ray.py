@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.demo import ensure_shards
-from pipeline.tune.runner import prepare, run_sweep
+from pipeline.tune.runner import prepare, run_sweep, start_local_ray
 from pipeline.tune.sweep import base_job, expand, load_sweep
 from tests.mlflow_server import mlflow_server
 
@@ -56,7 +56,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """One local Ray instance for every sweep of the module, with the dashboard (state API)."""
-    ray.init(num_cpus=4, include_dashboard=True)
+    start_local_ray(num_cpus=4)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -200,6 +200,7 @@ def test_interrupted_sweep_restores(
     for key, value in base_sets(shards, storage, server).items():
         args += ["--set", f"{key}={json.dumps(value)}"]
     env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the driver finds it from the cluster's address
     env.pop("MLFLOW_TRACKING_URI", None)
     trials = storage / "sweeps" / "two" / "trials"
 
