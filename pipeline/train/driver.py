@@ -678,11 +678,16 @@ def run_eval(
         raise ValueError(
             f"data {data!r} has categories {names[:5]}, the checkpoint was trained on {trained[:5]}"
         )
+    from pipeline.train.quiet import quiet_driver, quiet_local_ray
+
+    quiet_driver()
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS", "")
-        ray.init(address=address) if address else ray.init(
-            num_cpus=max(os.cpu_count() or 1, num_workers + 2)
-        )
+        if address:
+            ray.init(address=address)
+        else:
+            quiet_local_ray()
+            ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2))
     keep_working_directory()
     if use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0.0)
