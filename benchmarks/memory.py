@@ -26,7 +26,13 @@ KEYS = ("host/rss_anon_gb", "host/rss_shmem_gb", "host/rss_file_gb")
 
 
 def job_config(
-    shards: dict[str, Path], storage: Path, workers: int, steps: int, every: int, size: int
+    shards: dict[str, Path],
+    storage: Path,
+    workers: int,
+    steps: int,
+    every: int,
+    size: int,
+    pictures: int,
 ) -> Any:
     """The demo config with small images, evaluation and a checkpoint every `every` steps."""
     from pipeline.config import load_job_config
@@ -48,7 +54,7 @@ def job_config(
             "checkpoint.every_steps": every,
             "checkpoint.storage_path": str(storage),
             "eval.every_steps": every,
-            "eval.pictures": 0,
+            "eval.pictures": pictures,
             "tracking.log_model": False,
         },
     )
@@ -61,6 +67,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="train workers")
     parser.add_argument("--image-size", type=int, default=128, help="shorter side in training")
     parser.add_argument("--train-images", type=int, default=64, help="images per epoch")
+    parser.add_argument("--pictures", type=int, default=4, help="pictures per evaluation")
     args = parser.parse_args()
     marks = [int(s) for s in args.at.split(",")]
 
@@ -72,7 +79,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="panet-memory-") as tmp:
         root = Path(tmp)
         shards = make_shards(root, train=args.train_images, val=8)
-        job = job_config(shards, root / "runs", args.workers, args.steps, marks[0], args.image_size)
+        job = job_config(
+            shards,
+            root / "runs",
+            args.workers,
+            args.steps,
+            marks[0],
+            args.image_size,
+            args.pictures,
+        )
         ray.init(num_cpus=args.workers + 2)
         try:
             result = run_training(job)
@@ -89,7 +104,10 @@ def main() -> None:
         nearest = min(logged, key=lambda s: abs(s - step)) if logged else None
         return logged[nearest] if nearest is not None else float("nan")
 
-    print(f"\ntiny preset, {args.workers} worker(s), images {args.image_size}px, rank 0's memory")
+    print(
+        f"\ntiny preset, {args.workers} worker(s), images {args.image_size}px, evaluation with "
+        f"{args.pictures} pictures every {marks[0]} steps; rank 0's resident memory"
+    )
     print(f"{'step':>6}{'anon GB':>10}{'shmem GB':>10}{'file GB':>10}")
     rows = {}
     for step in marks:

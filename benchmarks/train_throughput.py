@@ -1,8 +1,8 @@
 """How much does Ray Train cost over a plain PyTorch loop, and how does it scale?
 
 Side by side in one run, on the `tiny` preset and the synthetic data set:
-- a plain single-process loop doing the job's work (the same batches, train step and schedule)
-  on batches decoded before the clock starts (1 thread, batch 2);
+- a plain single-process loop doing the worker's work (the same rows, batching, collation in a
+  background thread, train step and schedule) without Ray (1 thread, batch 2);
 - the real `panet train` path (Ray Data reader + Ray Train, DDP, SyncBN) with 1 worker, batch 2;
 - the same with 2 workers and the same global batch (1 image each).
 Every run trains one epoch of a synthetic set of `steps x 2` images (steady state: no epoch
@@ -39,46 +39,84 @@ def make_shards(root: Path, train: int, val: int) -> dict[str, Path]:
     }
 
 
-def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> float:
-    """Images/s of a bare single-process loop doing the job's work on pre-decoded batches.
+def epoch_rows(shards: Path, job: Any, labels: dict[int, int], epochs: int) -> list[list[dict]]:
+    """Each epoch's augmented rows in the job's seeded order: what Ray Data hands a worker."""
+    import numpy as np
+    import pyarrow as pa
 
-    The job's own batches (every training image, epochs in the job's seeded order, augmented and
-    grouped as the reader does) are decoded before the clock starts; each step is
-    `train_loop.train_step` (forward, NaN check, backward, clipping, optimizer) plus the
-    scheduler, on as many threads as a Ray worker gets. Throughput is measured per progress
-    window and the same warm-up windows are dropped as for the Ray runs.
+    from pipeline.data.augment import augment_table
+    from pipeline.data.shards import iter_records
+
+    records = list(iter_records(shards))
+    out = []
+    for epoch in range(epochs):
+        order = np.random.default_rng((job.seed, epoch)).permutation(len(records))
+        table = pa.Table.from_pylist([records[i] for i in order])
+        out.append(augment_table(table, job.augment(), job.seed, epoch, labels).to_pylist())
+    return out
+
+
+def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> dict[str, float]:
+    """Images/s and data-wait share of a bare single-process loop doing the worker's work.
+
+    The rows Ray Data would deliver (every training image, augmented, in the job's seeded
+    order) are made before the clock starts; in the loop, batches are grouped, collated and
+    their masks decoded as on a worker (`iter_train_batches` in a background thread, uint8
+    images converted by `to_device`), and each step is `train_step` plus the scheduler, on as
+    many threads as a Ray worker gets. Throughput and the share of time spent waiting for the
+    next batch are measured per progress window; the same warm-up windows are dropped as for
+    the Ray runs.
     """
-    from itertools import islice
+    from grouping import Rows  # benchmarks/ is on sys.path when run as a script
 
-    from recipes import train_batches  # benchmarks/ is on sys.path when run as a script
-
-    from panet_model import build_panet
-    from pipeline.data.reader import label_map
+    from pipeline.data.reader import in_background, iter_train_batches, label_map, steps_per_epoch
     from pipeline.data.shards import load_manifest
     from pipeline.train.driver import use_worker_onednn_cache
-    from pipeline.train.loop import train_step
-    from pipeline.train.solver import build_optimizer, build_scheduler
+    from pipeline.train.loop import build_training, to_device, train_step
 
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))  # as a Ray worker
     use_worker_onednn_cache()  # as a Ray worker (trainer.worker_env)
-    labels = label_map(load_manifest(shards["train"]))
-    steps = job.solver.max_steps
-    batches = list(islice(train_batches(shards["train"], job, labels), steps))
+    manifest = load_manifest(shards["train"])
+    labels = label_map(manifest)
+    steps, batch = job.solver.max_steps, job.solver.ims_per_batch
+    per_epoch = steps_per_epoch(manifest, batch)
+    rows = epoch_rows(shards["train"], job, labels, -(-steps // per_epoch))
     torch.manual_seed(job.seed)
-    model = build_panet(job.model, num_classes=len(labels) + 1).train()
-    optimizer = build_optimizer(model, job)
-    scheduler = build_scheduler(optimizer, job)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    rates = []
-    start = time.perf_counter()
-    for step, (images, targets) in enumerate(batches, 1):
-        train_step(model, images, targets, optimizer, scaler, job, torch.device("cpu"))
-        scheduler.step()
-        if step % log_every == 0:
-            now = time.perf_counter()
-            rates.append(log_every * job.solver.ims_per_batch / (now - start))
-            start = now
-    return statistics.median(rates[WARMUP_WINDOWS:])
+    device = torch.device("cpu")
+    model, optimizer, scheduler, scaler = build_training(job, len(labels) + 1, device)
+    model.train()
+    rates, waits = [], []
+    step, start, waited = 0, time.perf_counter(), 0.0
+    for epoch, stream in enumerate(rows):
+        n = min(per_epoch, steps - step)
+        batches = iter_train_batches(
+            Rows(stream),
+            batch,
+            n,
+            group_window=job.data.group_window,
+            seed=(job.seed, epoch, 0),
+            image_dtype=torch.uint8,
+        )
+        prepared = in_background(batches)
+        while True:
+            t0 = time.perf_counter()
+            item = next(prepared, None)
+            waited += time.perf_counter() - t0
+            if item is None:
+                break
+            images, targets = to_device(*item, device)
+            train_step(model, images, targets, optimizer, scaler, job, device)
+            scheduler.step()
+            step += 1
+            if step % log_every == 0:
+                now = time.perf_counter()
+                rates.append(log_every * batch / (now - start))
+                waits.append(waited / (now - start))
+                start, waited = now, 0.0
+    return {
+        "images_per_s": statistics.median(rates[WARMUP_WINDOWS:]),
+        "data_wait_fraction": statistics.median(waits[WARMUP_WINDOWS:]),
+    }
 
 
 def job_config(
@@ -146,7 +184,8 @@ def main() -> None:
         # One epoch per run: a steady state without an epoch restart (docs/design.md).
         shards = make_shards(root, train=steps * batch, val=4)
         job = job_config(shards, root / "plain", 1, batch, steps, log_every)
-        plain = plain_loop(shards, job, log_every)
+        plain_run = plain_loop(shards, job, log_every)
+        plain = plain_run["images_per_s"]
         print(f"[plain] {plain:.3f} images/s", flush=True)
         ray.init(num_cpus=4)
         try:
@@ -158,7 +197,7 @@ def main() -> None:
     ratio = one["images_per_s"] / plain
     speedup = two["images_per_s"] / one["images_per_s"]
     rows = [
-        ("plain PyTorch loop, 1 thread", plain, float("nan")),
+        ("plain PyTorch loop, 1 thread", plain, plain_run["data_wait_fraction"]),
         ("Ray Train, 1 worker", one["images_per_s"], one["data_wait_fraction"]),
         ("Ray Train, 2 workers", two["images_per_s"], two["data_wait_fraction"]),
     ]
@@ -173,6 +212,7 @@ def main() -> None:
         json.dumps(
             {
                 "plain_images_per_s": round(plain, 3),
+                "plain_data_wait_fraction": round(plain_run["data_wait_fraction"], 4),
                 "ray_1w_images_per_s": round(one["images_per_s"], 3),
                 "ray_2w_images_per_s": round(two["images_per_s"], 3),
                 "ray_vs_plain_ratio": round(ratio, 3),
