@@ -123,6 +123,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers")
     p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch and worker")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the checkpoint's model config, e.g. the test-time tricks --set "
+        "model.test.flip=true, model.test.scales=[224,256,288], model.test.box_vote=true",
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -182,12 +190,20 @@ def print_summary(result: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.config import parse_set
     from pipeline.evaluate import format_metrics
     from pipeline.train.driver import run_eval
 
     try:
         checkpoint = pick_checkpoint(args.checkpoint, best=args.best)
-        metrics = run_eval(checkpoint, args.data, args.workers, args.batch_size, args.gpu)
+        metrics = run_eval(
+            checkpoint,
+            args.data,
+            args.workers,
+            args.batch_size,
+            args.gpu,
+            model_overrides=parse_set(args.set),
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"panet eval: error: {err}", file=sys.stderr)
         return 2

@@ -168,18 +168,9 @@ def load_predictor(
 
 
 def _config(model_config: dict[str, Any], overrides: dict[str, Any], max_detections: int) -> Any:
-    from panet_model import PANetConfig
-    from panet_model.config import flatten
+    from pipeline.train.checkpoints import model_config as checkpoint_config
 
-    plain = dict(model_config)
-    preset = plain.pop("preset", "tiny")
-    cfg = PANetConfig.preset(preset).override(flatten(plain))
-    updates = {}
-    for key, value in overrides.items():
-        if not key.startswith("model."):
-            raise ValueError(f"--set {key}: only model.* keys apply to prediction")
-        updates[key[len("model.") :]] = value
-    cfg = cfg.override(updates)
+    cfg = checkpoint_config({"config": {"model": model_config}}, overrides)
     if max_detections > cfg.roi.detections_per_img:
         cfg = cfg.override({"roi.detections_per_img": max_detections})
     return cfg

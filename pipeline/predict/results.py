@@ -140,6 +140,7 @@ class ResultWriter:
         self.skipped: list[dict[str, str]] = []
         self.start = time.perf_counter()
         self.done = 0
+        self._first: tuple[float, int] | None = None  # (time, images) of the first rows
         self._writer: Any = None
         if parquet:
             import pyarrow.parquet as pq
@@ -151,6 +152,8 @@ class ResultWriter:
 
     def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
         rows = list(rows)
+        if self._first is None and rows:
+            self._first = (time.perf_counter(), len(rows))
         if self._writer is not None and rows:
             self._writer.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA))
         for row in rows:
@@ -182,7 +185,12 @@ class ResultWriter:
         )
 
     def close(self) -> dict[str, Any]:
-        """Write the JSON files; returns a summary."""
+        """Write the JSON files.
+
+        Returns:
+            {"images", "detections", "skipped", "seconds", "images_per_s", and
+            "steady_images_per_s": the rate after the first rows arrived}.
+        """
         if self._writer is not None:
             self._writer.close()
         self.results.sort(key=lambda r: (r["image_id"], -r["score"]))
@@ -191,10 +199,16 @@ class ResultWriter:
         categories = [{"id": k, "name": v} for k, v in self.categories.items()]
         meta = {"images": self.images, "categories": categories, "skipped": self.skipped}
         (self.out / IMAGES_FILE).write_text(json.dumps(meta, indent=1))
+        end = time.perf_counter()
+        steady = 0.0
+        if self._first is not None and self.done > self._first[1]:
+            # Past the first rows: without the start-up (model load, Ray actors, first batch).
+            steady = (self.done - self._first[1]) / max(end - self._first[0], 1e-9)
         return {
             "images": len(self.images),
             "detections": len(self.results),
             "skipped": len(self.skipped),
-            "seconds": time.perf_counter() - self.start,
+            "seconds": end - self.start,
             "images_per_s": self.images_per_s,
+            "steady_images_per_s": steady,
         }

@@ -53,6 +53,26 @@ def load_state(path: str | Path | Any, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
+def model_config(state: dict[str, Any], overrides: dict[str, Any] | None = None) -> Any:
+    """The `PANetConfig` a checkpoint was trained with, with `{"model.dotted.key": value}`
+    overrides, e.g. the test-time tricks `{"model.test.flip": True}` of `panet eval --set`.
+
+    Raises:
+        ValueError: naming an override that is not a `model.*` key or has a bad value.
+    """
+    from panet_model import PANetConfig
+    from panet_model.config import flatten
+
+    plain = dict(state["config"]["model"])
+    preset = plain.pop("preset", "tiny")
+    updates = {}
+    for key, value in (overrides or {}).items():
+        if not key.startswith("model."):
+            raise ValueError(f"--set {key}: only model.* keys apply to a trained model")
+        updates[key[len("model.") :]] = value
+    return PANetConfig.preset(preset).override(flatten(plain)).override(updates)
+
+
 def rng_state() -> dict[str, Any]:
     """Torch RNG states, safe for weights_only: the CPU's and, on a GPU, the current device's.
 

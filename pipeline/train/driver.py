@@ -643,7 +643,12 @@ def decode_options(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_eval(
-    checkpoint: str, data: str, num_workers: int, batch_size: int, use_gpu: bool = False
+    checkpoint: str,
+    data: str,
+    num_workers: int,
+    batch_size: int,
+    use_gpu: bool = False,
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """`panet eval`: distributed inference over `data`, scored with pycocotools on rank 0.
 
@@ -656,6 +661,8 @@ def run_eval(
         num_workers: Ray Train workers.
         batch_size: images per inference batch and worker.
         use_gpu: one GPU per worker.
+        model_overrides: `{"model.dotted.key": value}` for the checkpoint's model config, e.g.
+            the test-time tricks `{"model.test.flip": True}` (`checkpoints.model_config`).
 
     Returns:
         The 12 COCO metrics.
@@ -666,11 +673,12 @@ def run_eval(
 
     from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, inverse_label_map
     from pipeline.data.shards import load_manifest
-    from pipeline.train.checkpoints import load_state
+    from pipeline.train.checkpoints import load_state, model_config
     from pipeline.train.loop import eval_loop_per_worker
 
     checkpoint, data = storage.absolute(checkpoint), storage.absolute(data)
     state = load_state(checkpoint)  # fails here, naming the file, before Ray starts
+    model_config(state, model_overrides)  # and so does a bad --set
     manifest = load_manifest(data)
     names = [c["name"] for c in manifest["categories"]]
     trained = list(state.get("categories", {}).values())
@@ -705,6 +713,7 @@ def run_eval(
                 "batch_size": batch_size,
                 "inverse_labels": inverse_label_map(manifest),
                 "results": results,
+                "model_overrides": model_overrides or {},
             },
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
             run_config=RunConfig(

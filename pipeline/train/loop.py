@@ -576,9 +576,8 @@ def _duration(seconds: float) -> str:
 
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
     """`panet eval` on every worker: load a checkpoint, evaluate, report the metrics."""
-    from panet_model import PANetConfig
-    from panet_model.config import flatten
     from pipeline.evaluate import coco_ground_truth, evaluate
+    from pipeline.train.checkpoints import model_config
 
     quiet_worker()
     rank, _ = world()
@@ -589,9 +588,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     def load_model() -> nn.Module:
         try:
             state = load_state(config["checkpoint"])
-            model_cfg = dict(state["config"]["model"])
-            preset = model_cfg.pop("preset", "tiny")
-            cfg = PANetConfig.preset(preset).override(flatten(model_cfg))
+            cfg = model_config(state, config.get("model_overrides"))
             model = build_panet(cfg, num_classes=int(state["num_classes"]))
             model.load_state_dict(state["model"])
             return model

@@ -2,7 +2,9 @@
 
 The photographs are scikit-image's sample images, which its wheel ships (nothing is
 downloaded). `untrained_checkpoint` is a randomly initialised tiny model saved as a training
-checkpoint: enough to run every code path, with score threshold 0 it detects plenty.
+checkpoint: enough to run every code path, with score threshold 0 it detects plenty. `learned`
+has learned the synthetic set (in-process training); `trained` is a short `panet train` run,
+for its MLflow model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from panet_model import PANetConfig, build_panet
 from pipeline.train.checkpoints import save_state
 
 CATEGORIES = {1: "rectangle", 2: "ellipse", 3: "triangle"}  # ids as a data set may have them
+# The synthetic set of the trained fixtures, and the in-process training budget of `learned`.
+TRAIN_IMAGES, VAL_IMAGES, LEARN_STEPS = 120, 24, 200
 
 
 def skimage_data() -> Path:
@@ -97,3 +101,68 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("checkpoint")
     save_state(directory, **tiny_model_state())
     return directory
+
+
+@pytest.fixture(scope="session")
+def val_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The synthetic set as shards: a training and a validation split."""
+    from pipeline.demo import ensure_shards
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return {
+        "train": ensure_shards(root / "raw", root / "shards", "train", TRAIN_IMAGES, 0),
+        "val": ensure_shards(root / "raw", root / "shards", "val", VAL_IMAGES, 1),
+    }
+
+
+@pytest.fixture(scope="session")
+def learned(val_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the tiny model trained in-process for `LEARN_STEPS` steps."""
+    from tests.pipeline.predict.learn import train_checkpoint
+
+    out = tmp_path_factory.mktemp("learned")
+    return train_checkpoint(val_shards["train"], val_shards["val"], LEARN_STEPS, out)
+
+
+@pytest.fixture(scope="session")
+def trained(val_shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`panet train` with a few steps on one worker: its checkpoint and its MLflow model.
+
+    Returns:
+        {"checkpoint": step directory, "run_id", "tracking_uri"}.
+    """
+    import ray
+
+    from pipeline.config import load_job_config
+    from pipeline.demo import CONFIG
+    from pipeline.train.driver import run_training
+
+    root = tmp_path_factory.mktemp("trained")
+    job = load_job_config(
+        CONFIG,
+        {
+            "name": "predict-fixture",
+            "data.train": str(val_shards["train"]),
+            "data.val": str(val_shards["val"]),
+            "scaling.num_workers": 1,
+            "solver.ims_per_batch": 2,
+            "solver.max_steps": 4,
+            "solver.warmup_steps": 2,
+            "checkpoint.every_steps": 4,
+            "eval.every_steps": 0,
+            "eval.pictures": 1,
+            "log_every": 2,
+            "checkpoint.storage_path": str(root / "runs"),
+        },
+    )
+    started_here = not ray.is_initialized()
+    try:
+        result = run_training(job)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return {
+        "checkpoint": Path(result["checkpoint"]),
+        "run_id": result["run_id"],
+        "tracking_uri": result["tracking_uri"],
+    }

@@ -116,7 +116,7 @@ def test_bad_requests_fail_before_loading_with_one_line(untrained_checkpoint, tm
     code, _, err = run_predict(
         capsys, "--model", str(untrained_checkpoint), str(img), "--set", "solver.base_lr=1"
     )
-    assert code == 2 and "only model.* keys" in err
+    assert code == 2 and "only model.* keys apply" in err
     code, _, err = run_predict(
         capsys, "--model", str(untrained_checkpoint), str(img), "--set", "model.test.flip=3"
     )
@@ -137,3 +137,14 @@ def test_all_inputs_unreadable_exits_nonzero(photos, untrained_checkpoint, tmp_p
         str(tmp_path / "o"),
     )
     assert code == 1 and "truncated.jpg" in err
+
+
+def test_panet_eval_set_is_checked_before_ray(untrained_checkpoint, tmp_path, capsys) -> None:
+    from pipeline.demo import ensure_shards
+
+    shards = ensure_shards(tmp_path / "raw", tmp_path / "shards", "val", 2, 1)
+    args = ["eval", "--checkpoint", str(untrained_checkpoint), "--data", str(shards)]
+    assert main([*args, "--set", "model.test.flip=maybe"]) == 2
+    assert "test.flip" in capsys.readouterr().err
+    assert main([*args, "--set", "solver.base_lr=1"]) == 2
+    assert "only model.* keys apply" in capsys.readouterr().err
