@@ -102,3 +102,24 @@ def test_rng_state_is_the_current_cuda_device_only(monkeypatch: pytest.MonkeyPat
     checkpoints.set_rng_state(state)
     assert len(restored) == 1
     assert torch.equal(restored[0][0], saved + 1) and restored[0][1] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_cpu_checkpoint_resumes_on_a_gpu_and_steps(tmp_path: Path, optimizer: str) -> None:
+    """The fused AdamW and foreach SGD kernels refuse state left on the CPU."""
+    j = job(**{"solver.optimizer": optimizer})
+    state = saved_run(tmp_path, j)
+    device = torch.device("cuda")
+    model, opt, _, _ = build_training(j, NUM_CLASSES, device, state)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert p.device.type == "cuda"
+            for v in opt.state[p].values():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    assert v.device == p.device
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    torch.cuda.synchronize()
