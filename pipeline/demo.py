@@ -3,7 +3,7 @@
 Re-running reuses what exists: the data set and shards are kept, and the training job resumes
 from its last checkpoint (a finished job just reports its results again).
 
-    python -m pipeline.demo [--set key=value ...]
+    python -m pipeline.demo [--set key=value ...] [--resume | --new-name]
 """
 
 from __future__ import annotations

@@ -121,7 +121,12 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         description="Convert a Mapillary Vistas split (thing labels of the config) to shards.",
     )
     mvd.add_argument("--root", type=Path, required=True, help="data set root (config_*.json)")
-    mvd.add_argument("--split", required=True, help="split folder, e.g. training, validation")
+    mvd.add_argument(
+        "--split",
+        required=True,
+        help="split folder: training or validation in the MVD release; the --split given to "
+        "`panet data synth` (default train) for a synthetic set",
+    )
     mvd.add_argument(
         "--version",
         choices=("v1.2", "v2.0"),
