@@ -42,7 +42,7 @@ class SweepTracker(tune.Callback):
 
     def child_run(self, trial: Any) -> str | None:
         """The MLflow child run of a Tune trial, or None if the trial never opened one."""
-        name = trial.config["trial"]["name"]
+        name = trial.config["trial"]
         for run in tracking.child_runs(self.tracking_uri, self.parent_run_id):
             if run.data.tags.get(TRIAL_TAG) == name:
                 return run.info.run_id

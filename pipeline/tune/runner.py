@@ -246,7 +246,7 @@ def open_parent(p: Prepared) -> str:
 
 def trial_name(trial: Any) -> str:
     """Tune's name for a trial: the sweep's trial name and Tune's id."""
-    return f"{trial.config['trial']['name']}_{trial.trial_id}"
+    return f"{trial.config['trial']}_{trial.trial_id}"
 
 
 def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: bool) -> Any:
@@ -263,6 +263,7 @@ def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: b
         "tracking_uri": p.tracking_uri,
         "parent_run_id": parent_run_id,
         "sweep": p.sweep.name,
+        "trials": {t.name: asdict(t) for t in p.trials},
     }
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPU}
@@ -282,7 +283,7 @@ def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: b
         )
     else:
         scheduler = FIFOScheduler()
-    space = {"trial": tune.grid_search([asdict(t) for t in p.trials])}
+    space = {"trial": tune.grid_search([t.name for t in p.trials])}
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -310,7 +311,7 @@ def collect(p: Prepared, grid: Any) -> list[Row]:
     """One row a trial, in the sweep's order, from Tune's result grid."""
     by_name = {}
     for trial in grid._experiment_analysis.trials:
-        by_name[trial.config["trial"]["name"]] = trial
+        by_name[trial.config["trial"]] = trial
     rows = []
     for t in p.trials:
         trial = by_name.get(t.name)

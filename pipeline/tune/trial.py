@@ -23,14 +23,14 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """The Tune trainable: build the trial's job, open its child run, train.
 
     Args:
-        config: Tune's param space entry: `{"trial": Trial fields}`.
+        config: Tune's param space entry: `{"trial": the trial's name}`.
         setup: from the driver: `base` (the flat base job), `sweep_dir`, `tracking_uri`,
-            `parent_run_id`, `sweep` (its name).
+            `parent_run_id`, `sweep` (its name), `trials` ({name: Trial fields}).
     """
     from pipeline.tracking import runs as tracking
     from pipeline.train.driver import build_trainer, open_run, preflight
 
-    trial = Trial(**config["trial"])
+    trial = Trial(**setup["trials"][config["trial"]])
     job = trial_job(setup["base"], trial, Path(setup["sweep_dir"]), setup["tracking_uri"])
     plan = preflight(job)
     tags = {
