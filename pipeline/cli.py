@@ -234,7 +234,7 @@ def pick_checkpoint(path: str, best: bool = False) -> str:
     p = as_path(path)  # a local Path, or a StoragePath for s3:// / gs://
     if p.is_file() or (p / STATE_FILE).is_file() or not p.is_dir():
         return path  # a checkpoint, or missing: the loader names the file
-    candidates = sorted(p.glob(f"step-*/{STATE_FILE}"))
+    candidates: list[Any] = sorted(p.glob(f"step-*/{STATE_FILE}"))
     if not candidates:
         raise FileNotFoundError(
             f"{path!r} is neither a checkpoint nor a job directory with step-*/{STATE_FILE}"

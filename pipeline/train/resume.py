@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from panet_model.config import flatten
 from pipeline.config import JobConfig
 from pipeline.storage import as_path
+
+if TYPE_CHECKING:
+    from pipeline.storage import StoragePath
 
 JOB_RECORD = "job.json"  # in the job directory: the data the job trains on
 # Keys that change how a job runs, not what it learns: free to change when it resumes
@@ -72,7 +76,7 @@ def schema_defaults(preset: str) -> dict[str, Any]:
     return flatten(JobConfig(model_preset=preset, model=PANetConfig.preset(preset)).to_dict())
 
 
-def describe(changes: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+def describe(changes: Sequence[tuple[str, Any, Any]], limit: int = 6) -> str:
     """`key old -> new, ...` for the first `limit` changes."""
     text = ", ".join(f"{k} {old} -> {new}" for k, old, new in changes[:limit])
     more = len(changes) - limit
@@ -141,7 +145,7 @@ def _cats(categories: dict[int, str]) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-def read_job_record(run_dir: Path) -> dict[str, Any]:
+def read_job_record(run_dir: Path | StoragePath) -> dict[str, Any]:
     """The job directory's `job.json`, or {} if missing or unreadable."""
     try:
         return dict(json.loads((as_path(run_dir) / JOB_RECORD).read_text()))
@@ -149,7 +153,9 @@ def read_job_record(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def write_job_record(run_dir: Path, train_fingerprint: str, val_fingerprint: str) -> None:
+def write_job_record(
+    run_dir: Path | StoragePath, train_fingerprint: str, val_fingerprint: str
+) -> None:
     """Record the data a job trains on (read by the next run of the same name)."""
     as_path(run_dir).mkdir(parents=True, exist_ok=True)
     record = {"train_fingerprint": train_fingerprint, "val_fingerprint": val_fingerprint}

@@ -125,7 +125,7 @@ def test_eval_takes_a_job_directory(
     job_dir = tmp_path / "job"
     _fake_job_dir(job_dir, {150: 0.30, 300: 0.25, 450: 0.20})
     taken: list[str] = []
-    monkeypatch.setattr(driver, "run_eval", lambda ckpt, *_: taken.append(ckpt) or {})
+    monkeypatch.setattr(driver, "run_eval", lambda ckpt, *_, **__: taken.append(ckpt) or {})
     assert main(["eval", "--checkpoint", str(job_dir), "--data", str(tmp_path)]) == 0
     assert main(["eval", "--checkpoint", str(job_dir), "--best", "--data", str(tmp_path)]) == 0
     assert taken == [str(job_dir / "step-00000450"), str(job_dir / "step-00000150")]
