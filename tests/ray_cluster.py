@@ -142,6 +142,9 @@ NODE_PORT_FLAGS = (
     "metrics-export-port",
 )
 HEAD_PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", *NODE_PORT_FLAGS)
+# Ray gives a starting raylet 30 s to register with the GCS (ray/_private/node.py, fixed): on
+# a loaded host a node can die starting, and is started once more.
+STARTUP_ATTEMPTS = 2
 
 
 def session_pids(sid: int) -> list[int]:
@@ -156,30 +159,30 @@ def session_pids(sid: int) -> list[int]:
             continue
         # pid (comm) state ppid pgrp session ...; comm may hold spaces, so split after ')'.
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == sid:
+        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie has exited already
             out.append(int(entry.name))
     return out
 
 
-def stop_session(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop a node: SIGTERM its `ray start --block`, then SIGKILL whatever of its session is left."""
+def stop_session(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Stop a node: SIGTERM every process of its session at once (its `ray start --block`,
+    raylet, GCS, workers: stopping one by one takes ~40 s on a loaded host), then SIGKILL
+    whatever is left after `timeout` seconds."""
     sid = proc.pid
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout
     while (left := session_pids(sid)) and time.monotonic() < deadline:
         for pid in left:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        proc.poll()  # reap the `ray start` process, or it lingers as a zombie of the session
         time.sleep(0.5)
     for pid in session_pids(sid):
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while session_pids(sid) and time.monotonic() < deadline:  # SIGKILL is not instant either
+        time.sleep(0.2)
 
 
 def _start_node(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -246,35 +249,42 @@ def ray_cluster(
             stack.callback(lambda: [stop_session(p) for p in reversed(procs)])
             token, token_path = generate_token(root / "home")
             env = cluster_env(token_path)
-            head_ports = _node_ports(HEAD_PORT_FLAGS)
-            gcs_port = head_ports[0].split("=")[1]
-            dash_port = head_ports[1].split("=")[1]
-            address = f"127.0.0.1:{gcs_port}"
-            dashboard_url = f"http://127.0.0.1:{dash_port}"
             ray_bin = str(VENV_BIN / "ray")
             head = root / "head"
-            head_cmd = [
-                ray_bin,
-                "start",
-                "--head",
-                "--block",
-                "--node-ip-address=127.0.0.1",
-                "--dashboard-host=127.0.0.1",
-                "--include-dashboard=true",
-                "--disable-usage-stats",
-                f"--temp-dir={head}",
-                *head_ports,
-                *_resources_flags(NodeSpec(num_cpus, dict(resources or {}))),
-            ]
             logs = [root / "head.log"]
-            procs.append(_start_node(head_cmd, env, logs[0]))
-            _wait(
-                "the Ray head's job server",
-                lambda: json.loads(_get(f"{dashboard_url}/api/version", token)),
-                procs,
-                logs,
-                timeout,
-            )
+            for attempt in range(STARTUP_ATTEMPTS):
+                head_ports = _node_ports(HEAD_PORT_FLAGS)
+                gcs_port = head_ports[0].split("=")[1]
+                dash_port = head_ports[1].split("=")[1]
+                address = f"127.0.0.1:{gcs_port}"
+                dashboard_url = f"http://127.0.0.1:{dash_port}"
+                head_cmd = [
+                    ray_bin,
+                    "start",
+                    "--head",
+                    "--block",
+                    "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1",
+                    "--include-dashboard=true",
+                    "--disable-usage-stats",
+                    f"--temp-dir={head}",
+                    *head_ports,
+                    *_resources_flags(NodeSpec(num_cpus, dict(resources or {}))),
+                ]
+                procs.append(_start_node(head_cmd, env, logs[0]))
+                try:
+                    _wait(
+                        "the Ray head's job server",
+                        lambda url=dashboard_url: json.loads(_get(f"{url}/api/version", token)),
+                        procs,
+                        logs,
+                        timeout,
+                    )
+                    break
+                except RuntimeError:
+                    if attempt + 1 == STARTUP_ATTEMPTS or procs[-1].poll() is None:
+                        raise
+                    stop_session(procs.pop())  # died starting: again, on new ports
 
             def start_node(i: int) -> None:
                 spec = extra_nodes[i]
@@ -297,13 +307,23 @@ def ray_cluster(
 
             for i in range(len(extra_nodes)):
                 start_node(i)
-            _wait(
-                f"{1 + len(extra_nodes)} Ray node(s)",
-                lambda: _alive_nodes(dashboard_url, token) == 1 + len(extra_nodes),
-                procs,
-                logs,
-                timeout,
-            )
+            for attempt in range(STARTUP_ATTEMPTS):
+                try:
+                    _wait(
+                        f"{1 + len(extra_nodes)} Ray node(s)",
+                        lambda: _alive_nodes(dashboard_url, token) == 1 + len(extra_nodes),
+                        procs,
+                        logs,
+                        timeout,
+                    )
+                    break
+                except RuntimeError:
+                    dead = [i for i, p in enumerate(procs[1:]) if p.poll() is not None]
+                    if attempt + 1 == STARTUP_ATTEMPTS or not dead or procs[0].poll() is not None:
+                        raise
+                    for i in dead:  # a node that died starting: once more, on new ports
+                        stop_session(procs[1 + i])
+                        start_node(i)
             yield RayCluster(
                 address=address,
                 dashboard_url=dashboard_url,
