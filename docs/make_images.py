@@ -23,22 +23,6 @@ PANEL_WIDTH = 300  # px per image panel: small enough for a README, large enough
 COLORS = 256  # the PNG is stored with a palette: a third of the bytes, no visible change
 
 
-def state_file(checkpoint: Path) -> Path:
-    """`state.pt` of a `step-*` directory, of a job directory (its latest step), or itself."""
-    from pipeline.train.checkpoints import STATE_FILE, latest_state_file
-
-    if checkpoint.is_file():
-        return checkpoint
-    if (checkpoint / STATE_FILE).is_file():
-        return checkpoint / STATE_FILE
-    latest = latest_state_file(checkpoint)
-    if latest is None:
-        raise FileNotFoundError(
-            f"{checkpoint}: no state.pt and no step-*/state.pt (train it first: make demo)"
-        )
-    return latest
-
-
 def render(checkpoint: Path, data: Path, images: int, out: Path) -> Path:
     """Draw `images` validation images with the checkpoint's predictions into `out`.
 
@@ -53,19 +37,16 @@ def render(checkpoint: Path, data: Path, images: int, out: Path) -> Path:
     """
     import torch
 
-    from panet_model import PANetConfig, build_panet
-    from panet_model.config import flatten
+    from panet_model import build_panet
+    from pipeline.cli import pick_checkpoint
     from pipeline.data.reader import inverse_label_map
     from pipeline.data.shards import load_manifest
     from pipeline.tracking.pictures import prediction_figure
     from pipeline.tracking.samples import predict, read_samples
-    from pipeline.train.checkpoints import load_state
+    from pipeline.train.checkpoints import load_state, model_config
 
-    state = load_state(state_file(checkpoint))
-    model_cfg = dict(state["config"]["model"])
-    preset = model_cfg.pop("preset", "tiny")
-    cfg = PANetConfig.preset(preset).override(flatten(model_cfg))
-    model = build_panet(cfg, num_classes=int(state["num_classes"]))
+    state = load_state(pick_checkpoint(str(checkpoint)))
+    model = build_panet(model_config(state), num_classes=int(state["num_classes"]))
     model.load_state_dict(state["model"])
 
     manifest = load_manifest(data)
