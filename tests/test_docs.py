@@ -138,8 +138,16 @@ def check_panet(args: list[str]) -> str | None:
     parser = build_parser()
     parsed, err = _parse(parser, args)
     if isinstance(parsed, argparse.Namespace):
-        if getattr(parsed, "command", None) == "train":
+        command = getattr(parsed, "command", None)
+        if command == "train":
             return _job_config_problem(parsed.config, parsed.set)
+        if command == "eval" and getattr(parsed, "set", None):  # a trained model's keys only
+            not_model = [s for s in parsed.set if not s.startswith("model.")]
+            return (
+                f"eval --set takes model.* keys, not {not_model}"
+                if not_model
+                else (_job_config_problem(None, parsed.set))
+            )
         return None
     if parsed == 0 and ("--help" in args or "-h" in args):
         return None
@@ -350,6 +358,10 @@ def test_a_bad_set_key_or_value_is_found(in_repo: None) -> None:
     assert command_problems(_block(cmd.format("model.afp.fusion=mean")))
     assert command_problems(_block("python -m pipeline.demo --set solver.max_step=650"))
     assert command_problems(_block("panet train --set scaling.num_worker=2"))
+    ev = "panet eval --checkpoint x --data y --set {}"
+    assert command_problems(_block(ev.format("model.test.flip=true"))) == []
+    assert command_problems(_block(ev.format("model.test.flipp=true")))
+    assert command_problems(_block(ev.format("solver.base_lr=0.1")))
 
 
 def test_a_stale_config_key_in_prose_is_found() -> None:
