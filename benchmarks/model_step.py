@@ -356,7 +356,15 @@ def main() -> None:
         help="comma-separated R-50 rows beside torchvision, e.g. '+AFP[grouped],rbl'; "
         "skips the tiny table and the JSON line",
     )
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush subnormal floats (the training workers flush them: "
+        "pipeline.train.loop.flush_denormals); panet-noMBN then runs its slow path",
+    )
     args = parser.parse_args()
+    # As the training workers: a norm-free model's saturated softmax makes subnormal gradients.
+    torch.set_flush_denormal(not args.keep_denormals)
     only = set(args.only.split(",")) if args.only else None
     known = {name for impl in ("grouped", "loop") for name in r50_variants(impl)}
     if only is not None and not only <= known:

@@ -1,8 +1,9 @@
 """Sweeps end to end on one local Ray cluster (with its dashboard) and one real `mlflow server`.
 
-A 3-trial ASHA sweep whose poor trial (a learning rate that cannot learn) is stopped at the
-first rung; the parent run with its nested children, their params and metrics, the results
-table and chart; an interrupted sweep restored by name; no placement group left behind.
+An ASHA sweep whose poor trial (a learning rate that cannot learn) is stopped at the first
+rung and whose diverging trial fails without stopping the sweep; the parent run with its nested
+children, their params, metrics and final statuses, the results table and chart; an
+interrupted sweep restored by name; no placement group left behind.
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ def test_asha_sweep_nested_in_mlflow(
             {"name": "good", "set": {"solver.base_lr": 0.003}},
             {"name": "poor", "set": {"solver.base_lr": 1e-9}},  # cannot learn
             {"name": "good2", "set": {"solver.base_lr": 0.002}, "paper": {"segm_AP": 37.6}},
+            # Diverges at its second step; neither Train nor Tune retries it.
+            {"name": "diverges", "set": {"solver.base_lr": 1e30, "ray.max_failures": 0}},
         ],
+        max_failures=0,
         concurrency=1,  # in this order, so the poor trial meets the good one at the rung
     )
     sweep = load_sweep(str(path))
@@ -124,16 +128,22 @@ def test_asha_sweep_nested_in_mlflow(
     result = run_sweep(prepare(sweep, expand(sweep), job, base))
 
     status = {r.trial: r.status for r in result["rows"]}
-    assert status == {"good": "finished", "poor": "early-stopped", "good2": "finished"}
+    assert status == {
+        "good": "finished", "poor": "early-stopped", "good2": "finished", "diverges": "failed"
+    }  # fmt: skip
     steps = {r.trial: r.steps for r in result["rows"]}
-    assert steps == {"good": 6, "poor": 4, "good2": 6}
+    assert steps == {"good": 6, "poor": 4, "good2": 6, "diverges": 0}
     assert not result["unfinished"]
 
     client = MlflowClient(server)
     parent = client.get_run(result["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.params["sweep.trials"] == "3"
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.trials"] == "4"
     kids = children(client, parent.info.run_id)
-    assert set(kids) == {"good", "poor", "good2"}
+    assert set(kids) == {"good", "poor", "good2", "diverges"}
+    assert kids["diverges"].info.status == "FAILED"
+    assert kids["diverges"].data.tags["sweep.failed"] == "true"
+    assert parent.data.metrics["trials_failed"] == 1
+    failed = kids.pop("diverges")
     for name, run in kids.items():
         assert run.info.experiment_id == parent.info.experiment_id
         assert run.info.status == "FINISHED"
@@ -159,6 +169,8 @@ def test_asha_sweep_nested_in_mlflow(
         ap = run.data.metrics["segm/AP"]
         assert float(table[name]["segm_AP"]) == pytest.approx(ap, abs=1e-6)
     assert table["poor"]["status"] == "early-stopped" and table["good2"]["paper_segm_AP"] == "37.6"
+    assert table["diverges"]["status"] == "failed" and table["diverges"]["segm_AP"] == ""
+    assert failed.data.params["solver.base_lr"] == "1e+30"
     assert live_placement_groups() == []
 
 
@@ -175,7 +187,7 @@ def run_cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
         )
 
 
-def wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+def wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float = 1800) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -220,7 +232,7 @@ def test_interrupted_sweep_restores(
 
     log2 = tmp_path / "second.log"
     proc = run_cli(args, env, log2)
-    assert proc.wait(timeout=900) == 0, log2.read_text()[-4000:]
+    assert proc.wait(timeout=1800) == 0, log2.read_text()[-4000:]
     text = log2.read_text()
     resumed = int(interrupted_at.split("-")[1])
     assert f"resumed from the checkpoint at step {resumed}" in text
