@@ -97,6 +97,9 @@ def cluster_env(token_path: Path) -> dict[str, str]:
             "RAY_AUTH_TOKEN_PATH": str(token_path),
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray's memory monitor counts every process of this shared machine and kills the
+            # test's workers when other work fills it; the kernel's OOM killer still applies.
+            "RAY_memory_monitor_refresh_ms": "0",
         }
     )
     return env
