@@ -168,4 +168,6 @@ def test_pipeline_never_opens_ray_or_mlflow_to_the_network() -> None:
         rel = path.relative_to(REPO)
         if path.suffix == ".py" and rel.parts[0] in ("pipeline", "panet_model", "jobs"):
             text = path.read_text()
-            assert "0.0.0.0" not in text and "dashboard_host" not in text, rel
+            assert "0.0.0.0" not in text, rel
+            for host in re.findall(r"""dashboard_host\s*=\s*["']([^"']*)["']""", text):
+                assert host in ("127.0.0.1", "localhost"), (rel, host)
