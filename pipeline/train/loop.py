@@ -464,6 +464,7 @@ def train_loop(
             if is_eval or step == total_steps:
                 metrics = run_evaluation(model, ctx, step, device) or metrics
                 model.train()
+                release_host_memory()
             if step % job.checkpoint.every_steps == 0 or step == total_steps:
                 save_checkpoint(model, optimizer, scheduler, scaler, ctx, step, metrics)
             waited_from = time.perf_counter()
@@ -491,6 +492,27 @@ def model_card(ctx: dict[str, Any]) -> dict[str, Any]:
             "input": "RGB float32 (3, H, W) in [0, 1]",
         }
     }
+
+
+def release_host_memory() -> None:
+    """Hand the heap an evaluation freed back to the OS.
+
+    An evaluation allocates blocks of other sizes than a train step (full-size images and
+    masks, COCO results, pictures) while the batch thread keeps allocating in its own malloc
+    arena; glibc keeps the freed pages, and without a trim a worker's resident memory rises at
+    every evaluation (benchmarks/memory.py). A no-op where libc has no `malloc_trim`.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def run_evaluation(

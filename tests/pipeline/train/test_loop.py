@@ -160,3 +160,22 @@ def test_bf16_check_does_not_count_emulated_bf16(monkeypatch: pytest.MonkeyPatch
     )
     with pytest.raises(ValueError, match="no native bfloat16"):
         loop.check_amp_support("bf16", torch.device("cuda"))
+
+
+@pytest.mark.skipif(not loop.host_memory(), reason="needs /proc/self/status (Linux)")
+def test_release_host_memory_returns_a_threads_freed_heap() -> None:
+    """Blocks a batch thread allocated and the training thread freed stay resident until trimmed."""
+    survivors: list[list[Tensor]] = []
+
+    def batch_thread() -> None:
+        blocks = [torch.empty(20_000, dtype=torch.uint8) for _ in range(20_000)]  # ~400 MB
+        survivors.append(blocks[::50])  # a few live blocks keep the arena's heaps mapped
+        del blocks
+
+    thread = threading.Thread(target=batch_thread)
+    thread.start()
+    thread.join()
+    before = loop.host_memory()["rss_anon_gb"]
+    loop.release_host_memory()
+    after = loop.host_memory()["rss_anon_gb"]
+    assert before - after > 0.03, (before, after)  # tens of MB back to the OS
