@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from train_throughput import make_shards  # benchmarks/ is on sys.path when run as a script
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
+from train_throughput import make_shards
 
 KEYS = ("host/rss_anon_gb", "host/rss_shmem_gb", "host/rss_file_gb")
 
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=4, help="pictures per evaluation")
     args = parser.parse_args()
     marks = [int(s) for s in args.at.split(",")]
+    machine = print_machine()
 
     import ray
     from mlflow.tracking import MlflowClient
@@ -125,6 +127,7 @@ def main() -> None:
                 "image_size": args.image_size,
                 "rss": {str(k): v for k, v in rows.items()},
                 "anon_growth_last_gb": round(growth, 3),
+                "machine": machine,
             }
         )
     )
