@@ -104,28 +104,37 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def val_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The synthetic set as shards: a training and a validation split."""
-    from pipeline.demo import ensure_shards
-
-    root = tmp_path_factory.mktemp("synthetic")
-    return {
-        "train": ensure_shards(root / "raw", root / "shards", "train", TRAIN_IMAGES, 0),
-        "val": ensure_shards(root / "raw", root / "shards", "val", VAL_IMAGES, 1),
-    }
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
 
 
 @pytest.fixture(scope="session")
-def learned(val_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def val_shards(synthetic: Path) -> Path:
+    """The synthetic validation split as shards."""
+    from pipeline.demo import ensure_shards
+
+    return ensure_shards(synthetic / "raw", synthetic / "shards", "val", VAL_IMAGES, 1)
+
+
+@pytest.fixture(scope="session")
+def train_shards(synthetic: Path) -> Path:
+    """The synthetic training split as shards."""
+    from pipeline.demo import ensure_shards
+
+    return ensure_shards(synthetic / "raw", synthetic / "shards", "train", TRAIN_IMAGES, 0)
+
+
+@pytest.fixture(scope="session")
+def learned(train_shards, val_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of the tiny model trained in-process for `LEARN_STEPS` steps."""
     from tests.pipeline.predict.learn import train_checkpoint
 
     out = tmp_path_factory.mktemp("learned")
-    return train_checkpoint(val_shards["train"], val_shards["val"], LEARN_STEPS, out)
+    return train_checkpoint(train_shards, val_shards, LEARN_STEPS, out)
 
 
 @pytest.fixture(scope="session")
-def trained(val_shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def trained(train_shards, val_shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`panet train` with a few steps on one worker: its checkpoint and its MLflow model.
 
     Returns:
@@ -142,8 +151,8 @@ def trained(val_shards, tmp_path_factory: pytest.TempPathFactory) -> dict:
         CONFIG,
         {
             "name": "predict-fixture",
-            "data.train": str(val_shards["train"]),
-            "data.val": str(val_shards["val"]),
+            "data.train": str(train_shards),
+            "data.val": str(val_shards),
             "scaling.num_workers": 1,
             "solver.ims_per_batch": 2,
             "solver.max_steps": 4,

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.ray
 
 def predict(model: str, inputs: list[str], out, *extra: str) -> tuple[list[dict], dict]:
     args = ["predict", "--model", model, *inputs, "--out", str(out), "--score-threshold", "0.3"]
+    args += ["--max-detections", "5"]  # an untrained model: enough to compare, cheap to draw
     assert main([*args, "--device", "cpu", *extra]) == 0
     results = json.loads((out / "results.json").read_text())
     return results, json.loads((out / "images.json").read_text())
@@ -26,7 +27,7 @@ def test_ray_data_replicas_give_the_detections_of_panet_predict(
     import ray
 
     inputs = [
-        str(val_shards["val"]),
+        str(val_shards),
         str(photos["chelsea_palette.png"]),
         str(photos["truncated.jpg"]),
     ]
@@ -45,7 +46,7 @@ def test_ray_data_replicas_give_the_detections_of_panet_predict(
         )
     finally:
         ray.shutdown()
-    assert len(expected) > 10
+    assert len(expected) > 20
     assert got == expected
     assert meta == expected_meta
     assert [s["file_name"] for s in meta["skipped"]] == [str(photos["truncated.jpg"])]

@@ -50,8 +50,8 @@ def test_flip_and_multiscale_testing_do_not_lower_segm_ap(learned, val_shards, c
 
     predictor = load_predictor(str(learned), score_threshold=0.0)
     model, labels = predictor.model, predictor.inverse_labels
-    gt = coco_ground_truth(val_shards["val"])
-    batches = val_batches(val_shards["val"])
+    gt = coco_ground_truth(val_shards)
+    batches = val_batches(val_shards)
     test_scale = model.transform.min_size[-1]
     tricks = {
         "plain": Tricks(),
@@ -82,7 +82,7 @@ def test_flip_and_multiscale_testing_do_not_lower_segm_ap(learned, val_shards, c
 def test_mlflow_model_in_a_fresh_process_predicts_like_the_checkpoint(
     trained, val_shards, tmp_path
 ) -> None:
-    val = str(val_shards["val"])
+    val = str(val_shards)
     expected = predict(str(trained["checkpoint"]), [val], tmp_path / "ckpt")
     assert expected
     uri = f"runs:/{trained['run_id']}/model"
@@ -128,12 +128,12 @@ def test_panet_eval_set_evaluates_with_the_tricks(learned, val_shards, capsys) -
 
     predictor = load_predictor(str(learned), score_threshold=0.0)
     predictor.model.test = Tricks(flip=True, box_vote=True)
-    batches = val_batches(val_shards["val"])
-    gt = coco_ground_truth(val_shards["val"])
+    batches = val_batches(val_shards)
+    gt = coco_ground_truth(val_shards)
     expected = coco_evaluate(
         gt, evaluate_model(predictor.model, batches, predictor.inverse_labels, "cpu")
     )
-    args = ["eval", "--checkpoint", str(learned), "--data", str(val_shards["val"])]
+    args = ["eval", "--checkpoint", str(learned), "--data", str(val_shards)]
     args += ["--workers", "1", "--batch-size", "1"]
     assert main([*args, "--set", "model.test.flip=true", "--set", "model.test.box_vote=true"]) == 0
     printed = capsys.readouterr().out
