@@ -129,8 +129,7 @@ def decode(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now: truncated files fail here, not later
-            img = ImageOps.exif_transpose(img)
-            rgb = to_rgb(img)
+            rgb = to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
