@@ -397,6 +397,15 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
         _retry(partial(client.log_batch, run_id, tags=chunk), "log_batch(tags)")
 
 
+def delete_tags(tracking_uri: str, run_id: str, keys: list[str]) -> None:
+    """Remove tags from a run (the ones it does not have are skipped); retries, raises."""
+    client = _client(tracking_uri)
+    present = _retry(lambda: client.get_run(run_id).data.tags, "get_run")
+    for key in keys:
+        if key in present:
+            _retry(partial(client.delete_tag, run_id, key), "delete_tag")
+
+
 def source_tags(entry_point: str, git_commit: str) -> dict[str, str]:
     """MLflow's system tags that fill a run page's "Source" and "Git commit" fields.
 

@@ -307,10 +307,21 @@ def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: b
     )
 
 
-def collect(p: Prepared, grid: Any) -> list[Row]:
-    """One row a trial, in the sweep's order, from Tune's result grid."""
+def saved_trials(p: Prepared) -> list[Any]:
+    """The sweep's trials as Tune saved them: what a restore resumes.
+
+    After an interrupt (Ctrl-C) Tune stops the running trials, but saves them unfinished first;
+    the saved state, not the stopped objects, tells an interrupted trial from an early stop.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    return list(ExperimentAnalysis(str(p.sweep_dir)).trials)
+
+
+def collect(p: Prepared, trials: list[Any]) -> list[Row]:
+    """One row a trial, in the sweep's order, from Tune's saved trials."""
     by_name = {}
-    for trial in grid._experiment_analysis.trials:
+    for trial in trials:
         by_name[trial.config["trial"]] = trial
     rows = []
     for t in p.trials:
@@ -343,12 +354,40 @@ def collect(p: Prepared, grid: Any) -> list[Row]:
     return rows
 
 
+def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None:
+    """Each child run's final status and early-stop tags from the trials' outcome.
+
+    `SweepTracker` sets them as trials end; an interrupted trial is stopped like an early one,
+    so its run is set back here to KILLED, untagged, and a restore resumes it.
+    """
+    from pipeline.tracking import runs as tracking
+    from pipeline.tune.callbacks import TRIAL_TAG
+
+    uri = p.tracking_uri
+    early = ["sweep.early_stopped", "sweep.stopped_at_step"]
+    runs = {
+        r.data.tags.get(TRIAL_TAG): r.info.run_id for r in tracking.child_runs(uri, parent_run_id)
+    }
+    for row in rows:
+        run_id = runs.get(row.trial)
+        if run_id is None:
+            continue
+        if row.status == "early-stopped":
+            tags = {"sweep.early_stopped": "true", "sweep.stopped_at_step": row.steps}
+            tracking.set_tags(uri, run_id, tags)
+        else:
+            tracking.delete_tags(uri, run_id, early)
+        status = {"failed": "FAILED", "unfinished": "KILLED"}.get(row.status, "FINISHED")
+        tracking.finish_run(uri, run_id, status)
+
+
 def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
     """Results to the sweep directory and the parent run; the best trial marked."""
     from pipeline.tracking import runs as tracking
     from pipeline.tune.trial import TRIAL_TAG
 
     uri = p.tracking_uri
+    reconcile_children(p, parent_run_id, rows)
     title = f"sweep {p.sweep.name}: COCO AP per trial" + (
         " (hatched: the paper's)" if any(r.paper for r in rows) else ""
     )
@@ -402,8 +441,8 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         flush=True,
     )
     tuner = build_tuner(p, parent, max_concurrent, restore)
-    grid = tuner.fit()
-    rows = collect(p, grid)
+    tuner.fit()
+    rows = collect(p, saved_trials(p))
     out = finish(p, parent, rows)
     out.update(
         tracking_uri=p.tracking_uri,

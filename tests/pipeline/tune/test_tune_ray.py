@@ -229,6 +229,8 @@ def test_interrupted_sweep_restores(
     proc.wait(timeout=300)
     interrupted_at = sorted((trials / "second").glob("step-*"))[-1].name
     assert not (trials / "second" / "step-00000006").exists(), "interrupted too late"
+    assert "| second | seed=1 |" in log1.read_text().split("| trial |")[-1]
+    assert "unfinished" in log1.read_text().split("| second |")[-1].splitlines()[0]
 
     log2 = tmp_path / "second.log"
     proc = run_cli(args, env, log2)
@@ -248,5 +250,6 @@ def test_interrupted_sweep_restores(
     steps = sorted(m.step for m in client.get_metric_history(kids["second"].info.run_id, "segm/AP"))
     assert steps == [2, 4, 6]  # each evaluation once, before and after the interruption
     assert all(r.info.status == "FINISHED" for r in kids.values())
+    assert "sweep.early_stopped" not in kids["second"].data.tags  # interrupted, not stopped
     assert client.get_run(parent).info.status == "FINISHED"
     assert live_placement_groups() == []
