@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from panet_model import PANetConfig, build_panet
 from pipeline.train.checkpoints import save_state
@@ -23,6 +24,17 @@ from pipeline.train.checkpoints import save_state
 CATEGORIES = {1: "rectangle", 2: "ellipse", 3: "triangle"}  # ids as a data set may have them
 # The synthetic set of the trained fixtures, and the in-process training budget of `learned`.
 TRAIN_IMAGES, VAL_IMAGES, LEARN_STEPS = 120, 24, 200
+
+
+def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
+    """The same detections in the same order, up to float rounding (BLAS reduction order)."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert (g["image_id"], g["category_id"]) == (e["image_id"], e["category_id"])
+        assert g["score"] == pytest.approx(e["score"], abs=1e-4)
+        assert g["bbox"] == pytest.approx(e["bbox"], abs=1e-2)
+        iou = mask_utils.iou([g["segmentation"]], [e["segmentation"]], [0])[0, 0]
+        assert g["segmentation"]["size"] == e["segmentation"]["size"] and iou >= 0.98
 
 
 def skimage_data() -> Path:
