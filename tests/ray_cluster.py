@@ -291,6 +291,12 @@ def ray_cluster(
 
             def start_node(i: int) -> None:
                 spec = extra_nodes[i]
+                restart = 1 + i < len(logs)
+                # A restarted node gets a fresh temp dir: its session shares nothing with the
+                # lost one's (short names: Ray's socket paths must stay under 108 bytes).
+                temp = root / (
+                    f"node{i}r{len(list(root.glob(f'node{i}*')))}" if restart else f"node{i}"
+                )
                 cmd = [
                     ray_bin,
                     "start",
@@ -298,11 +304,11 @@ def ray_cluster(
                     f"--address={address}",
                     "--node-ip-address=127.0.0.1",
                     "--disable-usage-stats",
-                    f"--temp-dir={root / f'node{i}'}",
+                    f"--temp-dir={temp}",
                     *_node_ports(NODE_PORT_FLAGS),
                     *_resources_flags(spec),
                 ]
-                if 1 + i < len(logs):  # a restart: the new process replaces the lost one
+                if restart:  # the new process replaces the lost one
                     procs[1 + i] = _start_node(cmd, env, logs[1 + i])
                     return
                 logs.append(root / f"node{i}.log")

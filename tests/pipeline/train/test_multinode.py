@@ -221,7 +221,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env = stop.enter_context(pytest.MonkeyPatch.context())
         for key, value in s3_env.items():
             env.setenv(key, value)
-        mlflow = stop.enter_context(mlflow_server(root / "mlflow", artifacts="s3://panet/mlflow"))
+        mlflow = stop.enter_context(
+            mlflow_server(root / "mlflow", timeout=300, artifacts="s3://panet/mlflow")
+        )
         cluster = stop.enter_context(
             ray_cluster(
                 num_cpus=3,
