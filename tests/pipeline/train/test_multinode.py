@@ -451,24 +451,30 @@ def wait_for_nodes(stack: Stack, n: int, timeout: float = 120) -> None:
 
 
 @pytest.mark.ray
-def test_storage_check_runs_on_every_node(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray
-
+def test_storage_check_runs_on_every_node(stack: Stack) -> None:
+    """A Ray client of the cluster (its own process: token auth is read at start)."""
+    script = f"""
+import ray
+from pipeline import storage
+ray.init(address={stack.cluster.address!r}, runtime_env={{"env_vars": {stack.s3_env!r}}})
+storage.check_on_every_node(
+    {{"data.train": {stack.shards["train"]!r}}}, {{"checkpoint.storage_path": "s3://panet/runs"}}
+)
+try:
+    storage.check_on_every_node({{"data.val": "s3://panet/no/such/shards"}}, {{}})
+except ValueError as err:
+    print("MESSAGE", err)
+"""
+    wait_for_nodes(stack, 2)
+    env = {**stack.cluster.env, **stack.s3_env, "PYTHONPATH": str(REPO)}
+    python = str(REPO / ".venv" / "bin" / "python")
+    out = subprocess.run(
+        [python, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    message = out.stdout.split("MESSAGE", 1)[1]
+    assert message.count("config key 'data.val'") == 2  # one line per node
+    assert all(node[:12] in message for node in cluster_node_ids(stack, alive=True))
     from pipeline import storage
 
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.setenv(key, stack.cluster.env[key])
-    wait_for_nodes(stack, 2)
-    ray.init(address=stack.cluster.address, runtime_env={"env_vars": stack.s3_env})
-    try:
-        storage.check_on_every_node(
-            {"data.train": stack.shards["train"]}, {"checkpoint.storage_path": "s3://panet/runs"}
-        )
-        with pytest.raises(ValueError) as err:
-            storage.check_on_every_node({"data.val": "s3://panet/no/such/shards"}, {})
-        message = str(err.value)
-        assert message.count("config key 'data.val'") == 2  # one line per node
-        assert all(node[:12] in message for node in cluster_node_ids(stack, alive=True))
-        assert not [n for n in storage.list_names("s3://panet/runs") if "probe" in n]
-    finally:
-        ray.shutdown()
+    assert not [n for n in storage.list_names("s3://panet/runs") if "probe" in n]
