@@ -365,20 +365,20 @@ def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None
 
     uri = p.tracking_uri
     early = ["sweep.early_stopped", "sweep.stopped_at_step"]
-    runs = {
-        r.data.tags.get(TRIAL_TAG): r.info.run_id for r in tracking.child_runs(uri, parent_run_id)
-    }
+    runs = {r.data.tags.get(TRIAL_TAG): r for r in tracking.child_runs(uri, parent_run_id)}
     for row in rows:
-        run_id = runs.get(row.trial)
-        if run_id is None:
+        run = runs.get(row.trial)
+        if run is None:
             continue
+        run_id = run.info.run_id
         if row.status == "early-stopped":
             tags = {"sweep.early_stopped": "true", "sweep.stopped_at_step": row.steps}
             tracking.set_tags(uri, run_id, tags)
         else:
             tracking.delete_tags(uri, run_id, early)
         status = {"failed": "FAILED", "unfinished": "KILLED"}.get(row.status, "FINISHED")
-        tracking.finish_run(uri, run_id, status)
+        if run.info.status != status:  # ending it again would move its end time
+            tracking.finish_run(uri, run_id, status)
 
 
 def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
