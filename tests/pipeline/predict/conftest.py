@@ -2,9 +2,8 @@
 
 The photographs are scikit-image's sample images, which its wheel ships (nothing is
 downloaded). `untrained_checkpoint` is a randomly initialised tiny model saved as a training
-checkpoint: enough to run every code path, with score threshold 0 it detects plenty. `learned`
-has learned the synthetic set (in-process training); `trained` is a short `panet train` run,
-for its MLflow model.
+checkpoint: enough to run every code path, with score threshold 0 it detects plenty. `trained`
+is a short `panet train` run, for its MLflow model.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from panet_model import PANetConfig, build_panet
 from pipeline.train.checkpoints import save_state
 
 CATEGORIES = {1: "rectangle", 2: "ellipse", 3: "triangle"}  # ids as a data set may have them
-# The synthetic set of the trained fixtures, and the in-process training budget of `learned`.
-TRAIN_IMAGES, VAL_IMAGES, LEARN_STEPS = 120, 24, 200
+# The synthetic set of the trained fixtures.
+TRAIN_IMAGES, VAL_IMAGES = 120, 24
 
 
 def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
@@ -134,15 +133,6 @@ def train_shards(synthetic: Path) -> Path:
     from pipeline.demo import ensure_shards
 
     return ensure_shards(synthetic / "raw", synthetic / "shards", "train", TRAIN_IMAGES, 0)
-
-
-@pytest.fixture(scope="session")
-def learned(train_shards, val_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint of the tiny model trained in-process for `LEARN_STEPS` steps."""
-    from tests.pipeline.predict.learn import train_checkpoint
-
-    out = tmp_path_factory.mktemp("learned")
-    return train_checkpoint(train_shards, val_shards, LEARN_STEPS, out)
 
 
 @pytest.fixture(scope="session")
