@@ -21,7 +21,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_job_config
-from pipeline.demo import ensure_shards
 from pipeline.tracking import runs as tracking
 from pipeline.train.driver import run_training
 from tests.mlflow_server import mlflow_server
@@ -30,16 +29,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A small synthetic data set converted to shards: 24 training and 8 validation images."""
-    root = tmp_path_factory.mktemp("data")
-    return {
-        "train": ensure_shards(root / "raw", root / "shards", "train", 24, 0),
-        "val": ensure_shards(root / "raw", root / "shards", "val", 8, 1),
-    }
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.demo import ensure_shards
 from pipeline.tune.runner import prepare, run_sweep, start_local_ray
 from pipeline.tune.sweep import base_job, expand, load_sweep
 from tests.mlflow_server import mlflow_server
@@ -43,15 +42,6 @@ BUDGET = {  # a tiny trial: 6 steps of 128-160 px images, evaluated every 2 step
     "eval.pictures": 1,
     "tracking.log_model": False,
 }
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("data")
-    return {
-        "train": ensure_shards(root / "raw", root / "shards", "train", 24, 0),
-        "val": ensure_shards(root / "raw", root / "shards", "val", 8, 1),
-    }
 
 
 @pytest.fixture(scope="module")

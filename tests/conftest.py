@@ -1,0 +1,19 @@
+"""Fixtures shared by the test packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small synthetic data set converted to shards: 24 training and 8 validation images."""
+    from pipeline.demo import ensure_shards
+
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "train": ensure_shards(root / "raw", root / "shards", "train", 24, 0),
+        "val": ensure_shards(root / "raw", root / "shards", "val", 8, 1),
+    }
