@@ -118,7 +118,9 @@ def test_resuming_a_job_of_another_model_fails_before_ray(tmp_path: Path) -> Non
     step.mkdir(parents=True)
     model = build_panet(wide.model, num_classes=plan.num_classes)
     save_state(step, model=model.state_dict(), config=wide.to_dict(), step=2)
-    with pytest.raises(ValueError, match=r"step-00000002.*model\.backbone\.width 64 -> 32.*--resume"):
+    with pytest.raises(
+        ValueError, match=r"step-00000002.*model\.backbone\.width 64 -> 32.*--resume"
+    ):
         preflight(job)
     # Asked to resume with the change: the checkpoint's tensors do not fit the model.
     with pytest.raises(ValueError, match=r"step-00000002 .*model\.backbone\.width 64 -> 32.*name"):
