@@ -20,7 +20,8 @@ from typing import Any
 DEFAULT_SHARD_SIZE = 256
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -170,14 +171,14 @@ def _add_convert_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--shard-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_SHARD_SIZE,
         metavar="ROWS",
         help=f"images per shard (default {DEFAULT_SHARD_SIZE})",
     )
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="worker processes (default: all cores; 1: no pool)",
