@@ -58,6 +58,7 @@ class Nodes:
     def __init__(self, procs: list[subprocess.Popen], start: Callable[[int], None]) -> None:
         self._procs = procs  # the cluster's list: [head, node0, node1, ...]
         self._start = start
+        self.stopped: set[int] = set()
 
     def stop(self, i: int) -> None:
         """Lose extra node `i` without warning: SIGKILL its whole session (raylet, workers)."""
@@ -66,10 +67,18 @@ class Nodes:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
+        self.stopped.add(i)
 
     def start(self, i: int) -> None:
-        """Start extra node `i` again (new ports, same temp dir and resources)."""
+        """Start extra node `i` again (new ports, a new temp dir, the same resources)."""
         self._start(i)
+        self.stopped.discard(i)
+
+    def restore(self) -> None:
+        """Start every node `stop` lost and a test left down (a failed test leaves the cluster
+        whole for the next one)."""
+        for i in sorted(self.stopped):
+            self.start(i)
 
 
 def free_ports(n: int) -> list[int]:

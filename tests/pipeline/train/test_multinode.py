@@ -235,6 +235,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(cluster, s3_env, mlflow, _shards_on_s3(root))
 
 
+@pytest.fixture
+def whole_cluster(stack: Stack) -> Iterator[Stack]:
+    """The stack, with every node a test stopped started again when it ends, pass or fail."""
+    wait_for_nodes(stack, 2)
+    yield stack
+    stack.cluster.nodes.restore()
+
+
 def _shards_on_s3(root: Path) -> dict[str, str]:
     from pipeline.cli import main as panet
     from pipeline.data.synth import write_synthetic
@@ -390,9 +398,8 @@ def test_submitted_job_trains_on_two_nodes(stack: Stack) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_losing_a_node_resumes_from_the_last_checkpoint(stack: Stack) -> None:
-    name = "node-loss"
-    wait_for_nodes(stack, 2)
+def test_losing_a_node_resumes_from_the_last_checkpoint(whole_cluster: Stack) -> None:
+    stack, name = whole_cluster, "node-loss"
     # Long enough that the node is lost mid-job on a fast host too (the first checkpoint comes
     # at step 3; the node goes down as soon as it is seen).
     out = submit(stack, name, wait=False, **{"solver.max_steps": 30, "checkpoint.every_steps": 3})
@@ -412,11 +419,10 @@ def test_losing_a_node_resumes_from_the_last_checkpoint(stack: Stack) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_elastic_job_shrinks_and_grows_back(stack: Stack) -> None:
+def test_elastic_job_shrinks_and_grows_back(whole_cluster: Stack) -> None:
     from pipeline import storage
 
-    name = "elastic"
-    wait_for_nodes(stack, 2)
+    stack, name = whole_cluster, "elastic"
     sets = {
         "solver.max_steps": 40,
         "checkpoint.every_steps": 3,
@@ -434,7 +440,9 @@ def test_elastic_job_shrinks_and_grows_back(stack: Stack) -> None:
 
     down = wait_for("a resize to 1 worker", resizes, 300, stack, name)[0]
     assert (down["old"], down["new"]) == (2, 1)
-    assert down["step"] >= kept  # at most one checkpoint interval lost
+    # The newest checkpoint on storage may still be on its way to Ray Train's controller when
+    # the node goes (uploaded, not yet registered): the job resumes from it or the one before.
+    assert down["step"] >= kept - sets["checkpoint.every_steps"]
     stack.cluster.nodes.start(0)
     wait_for("a resize back to 2 workers", lambda: len(resizes()) > 1, 300, stack, name)
     assert finish(stack, name) == "SUCCEEDED", job_logs(stack, name)[-6000:]
