@@ -131,7 +131,7 @@ def ray_vs_plain(ckpt: Path, shards: Path, out: Path, reps: int) -> dict[str, An
                     categories=CATEGORIES,
                     total=total,
                     replicas=replicas,
-                    batch_size=4,
+                    batch_size=16,  # `panet predict --ray`'s default
                     cpus_per_replica=threads / replicas,
                 )
                 rates[f"ray_{replicas}"].append(summary["steady_images_per_s"])

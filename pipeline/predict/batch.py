@@ -59,8 +59,13 @@ class PredictActor:
         return pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA)
 
 
-def build_dataset(files: list[str], shards: list[str]) -> Any:
-    """One Ray dataset of `ITEM_SCHEMA` rows: shard records (bytes) and files (paths)."""
+def build_dataset(files: list[str], shards: list[str], batch_size: int) -> Any:
+    """One Ray dataset of `ITEM_SCHEMA` rows: shard records (bytes) and files (paths).
+
+    A shard file reads as one block; the dataset is split into blocks of `batch_size` rows
+    (streaming, no shuffle) so every replica gets work and results reach the writer as they
+    come, not all at the end.
+    """
     import ray.data
 
     from pipeline.data.shards import load_manifest, shard_paths
@@ -79,7 +84,8 @@ def build_dataset(files: list[str], shards: list[str]) -> Any:
             for i, f in enumerate(files, start=1)
         ]
         parts.append(ray.data.from_arrow(pa.Table.from_pylist(items, schema=ITEM_SCHEMA)))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    return ds.repartition(target_num_rows_per_block=batch_size)
 
 
 def _with_path(batch: pa.Table) -> pa.Table:
@@ -126,7 +132,7 @@ def predict_with_ray(
     categories: dict[int, str],
     total: int,
     replicas: int = 1,
-    batch_size: int = 4,
+    batch_size: int = 16,
     cpus_per_replica: float = 1.0,
     gpus_per_replica: float = 0.0,
     pictures: bool = False,
@@ -153,7 +159,7 @@ def predict_with_ray(
     from ray.data import ActorPoolStrategy
 
     connect(replicas * cpus_per_replica + 1)
-    ds = build_dataset(files, shards)
+    ds = build_dataset(files, shards, batch_size)
     predicted = ds.map_batches(
         PredictActor,
         fn_constructor_kwargs={

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.predict.batch import build_dataset
 from tests.pipeline.predict.conftest import VAL_IMAGES, assert_same_detections
 
 pytestmark = pytest.mark.ray
@@ -48,8 +49,12 @@ def test_ray_data_replicas_give_the_detections_of_panet_predict(
             "--cpus-per-replica",
             str(threads),
         )
+        # A shard file is one block of its reader: the replicas share its images in batches.
+        blocks = build_dataset([], [str(val_shards)], 3).materialize()
+        sizes = [b.num_rows for b in blocks.iter_batches(batch_size=None, batch_format="pyarrow")]
     finally:
         ray.shutdown()
+    assert sum(sizes) == VAL_IMAGES and max(sizes) <= 3 and len(sizes) >= VAL_IMAGES / 3
     assert len(expected) > 20
     assert_same_detections(got, expected)
     assert meta == expected_meta
