@@ -1,13 +1,14 @@
 """What does a Tune sweep cost beyond its training runs?
 
-The same three trials (the tiny preset on a small synthetic data set, 2 workers each) run once as
-three sequential `panet train` jobs (`run_training`) and once as one 3-trial sweep
-(`run_sweep`), on one local Ray cluster with its dashboard. Reported: each run's wall time, its
-start-up (from its MLflow run's creation to its first logged training step, with
-`log_every: 1`), the sweep's overhead per trial, and the ratio of the sweep's total to the sum
-of the sequential runs (target <= 1.15).
+The same three trials (the tiny preset on a small synthetic data set, 2 workers each) run as
+three sequential `panet train` jobs (`run_training`) and as one 3-trial sweep (`run_sweep`), on
+one local Ray cluster with its dashboard, in alternating order round after round. Reported per
+side (medians over runs): the gap before a run's MLflow run opens (a trial: its actor's start
+and imports), start-up (run opened -> first training step, `log_every: 1`), training (first ->
+last step) and the end (last step -> run closed); the sweep's overhead per trial; and the
+median over rounds of the sweep's total over the sequential total (target <= 1.15).
 
-    python benchmarks/sweep.py [--steps N] [--images N]
+    python benchmarks/sweep.py [--steps N] [--images N] [--rounds N]
 
 The last line is one JSON object with the figures and ratios.
 """
@@ -23,17 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
+PHASES = ("gap", "startup", "train", "end")
 
 
-def sweep_yaml(path: Path) -> Path:
+def sweep_yaml(path: Path, name: str) -> Path:
     """Three trials that differ in a way that costs the same: the learning rate."""
     path.write_text(
         yaml.safe_dump(
             {
-                "name": "bench",
+                "name": name,
                 "variants": [
                     {"name": f"lr{i}", "set": {"solver.base_lr": lr}}
                     for i, lr in enumerate((0.003, 0.002, 0.001))
@@ -44,29 +47,41 @@ def sweep_yaml(path: Path) -> Path:
     return path
 
 
-def startup_s(uri: str, run_id: str) -> float:
-    """From the run's creation to its first training metric (step 1, `log_every: 1`)."""
+def phases(uri: str, run_ids: list[str]) -> list[dict[str, float]]:
+    """Each run's phases in seconds (runs in the order they ran; `gap` from the previous end)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    run = client.get_run(run_id)
-    first = min(m.timestamp for m in client.get_metric_history(run_id, "train/loss"))
-    return (first - run.info.start_time) / 1000
+    out, previous_end = [], None
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        steps = [m.timestamp for m in client.get_metric_history(run_id, "train/loss")]
+        start, end = run.info.start_time, run.info.end_time
+        out.append(
+            {
+                "gap": (start - previous_end) / 1000 if previous_end else float("nan"),
+                "startup": (min(steps) - start) / 1000,
+                "train": (max(steps) - min(steps)) / 1000,
+                "end": (end - max(steps)) / 1000,
+                "run": (end - start) / 1000,
+            }
+        )
+        previous_end = end
+    return out
 
 
-def run_time_s(uri: str, run_id: str) -> float:
-    """From the run's creation to its end."""
-    from mlflow import MlflowClient
-
-    run = MlflowClient(uri).get_run(run_id)
-    return (run.info.end_time - run.info.start_time) / 1000
+def median(values: list[float]) -> float:
+    kept = [v for v in values if v == v]  # the first run of a side has no gap
+    return statistics.median(kept) if kept else float("nan")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps a trial")
     parser.add_argument("--images", type=int, default=48, help="training images")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of both sides")
     args = parser.parse_args()
+    machine = print_machine()
 
     import ray
 
@@ -94,59 +109,69 @@ def main() -> None:
         "tracking.log_model": False,
         "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
     }
-    sweep = load_sweep(str(sweep_yaml(root / "bench.yaml")))
-    job, base = base_job(CONFIG, {**sets, "checkpoint.storage_path": str(root / "sweep")})
-    prepared = prepare(sweep, expand(sweep), job, base)
     start_local_ray(num_cpus=4)
 
-    sequential: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    for trial in prepared.trials:
-        flat = {**base, **trial.overrides, **sets}
-        flat.update({"name": f"seq-{trial.name}", "checkpoint.storage_path": str(root / "seq")})
-        t = time.perf_counter()
-        result = run_training(load_job_config(None, flat))
-        sequential.append(
-            {
-                "wall_s": time.perf_counter() - t,
-                "startup_s": startup_s(result["tracking_uri"], result["run_id"]),
-            }
-        )
-    sequential_s = time.perf_counter() - t0
+    def sequential(r: int, prepared: Any) -> tuple[float, list[dict[str, float]]]:
+        t0, ids, uri = time.perf_counter(), [], ""
+        for trial in prepared.trials:
+            flat = {**prepared.base, **trial.overrides, **sets}
+            flat.update({"name": f"seq{r}-{trial.name}", "checkpoint.storage_path": str(root)})
+            result = run_training(load_job_config(None, flat))
+            ids.append(result["run_id"])
+            uri = result["tracking_uri"]
+        return time.perf_counter() - t0, phases(uri, ids)
 
-    t0 = time.perf_counter()
-    out = run_sweep(prepared)
-    sweep_s = time.perf_counter() - t0
-    uri = out["tracking_uri"]
-    kids = tracking.child_runs(uri, out["parent_run_id"])
-    trials = [
-        {"run_s": run_time_s(uri, r.info.run_id), "startup_s": startup_s(uri, r.info.run_id)}
-        for r in kids
-    ]
+    def sweep(prepared: Any) -> tuple[float, list[dict[str, float]]]:
+        t0 = time.perf_counter()
+        out = run_sweep(prepared)
+        total = time.perf_counter() - t0
+        kids = tracking.child_runs(out["tracking_uri"], out["parent_run_id"])
+        ids = [r.info.run_id for r in sorted(kids, key=lambda r: r.info.start_time)]
+        return total, phases(out["tracking_uri"], ids)
+
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        spec = load_sweep(str(sweep_yaml(root / f"bench{r}.yaml", f"bench{r}")))
+        job, base = base_job(CONFIG, {**sets, "checkpoint.storage_path": str(root)})
+        prepared = prepare(spec, expand(spec), job, base)
+        first, second = ("sequential", "sweep") if r % 2 == 0 else ("sweep", "sequential")
+        done = {}
+        for side in (first, second):  # alternate who goes first
+            done[side] = sequential(r, prepared) if side == "sequential" else sweep(prepared)
+        rounds.append(done)
     ray.shutdown()
 
-    n = len(prepared.trials)
-    print(f"\n3 trials x {args.steps} steps, tiny preset, 2 workers, {args.images} images")
-    print(f"{'':<28}{'total s':>10}{'per run s':>12}{'start-up s':>12}")
-    seq_start = statistics.median(r["startup_s"] for r in sequential)
-    trial_start = statistics.median(r["startup_s"] for r in trials)
-    print(f"{'sequential panet train':<28}{sequential_s:>10.1f}{sequential_s / n:>12.1f}"
-          f"{seq_start:>12.1f}")  # fmt: skip
-    print(f"{'one 3-trial sweep':<28}{sweep_s:>10.1f}{sweep_s / n:>12.1f}{trial_start:>12.1f}")
-    ratio = sweep_s / sequential_s
-    overhead = (sweep_s - sequential_s) / n
-    print(f"sweep / sequential: {ratio:.3f} (target <= 1.15); overhead a trial {overhead:+.1f} s")
+    n = 3
+    ratios = [x["sweep"][0] / x["sequential"][0] for x in rounds]
+    overheads = [(x["sweep"][0] - x["sequential"][0]) / n for x in rounds]
+    runs = {side: [p for x in rounds for p in x[side][1]] for side in ("sequential", "sweep")}
+    table = {
+        side: {k: median([p[k] for p in runs[side]]) for k in (*PHASES, "run")} for side in runs
+    }
+    print(f"\n3 trials x {args.steps} steps, tiny preset, 2 workers, {args.images} images, "
+          f"{args.rounds} rounds (medians over runs)")  # fmt: skip
+    print(f"{'':<26}{'total s':>9}{'gap s':>8}{'start-up s':>12}{'train s':>9}{'end s':>7}")
+    for side, label in (("sequential", "sequential panet train"), ("sweep", "one 3-trial sweep")):
+        total = statistics.median(x[side][0] for x in rounds)
+        t = table[side]
+        print(f"{label:<26}{total:>9.1f}{t['gap']:>8.1f}{t['startup']:>12.1f}{t['train']:>9.1f}"
+              f"{t['end']:>7.1f}")  # fmt: skip
+    ratio = statistics.median(ratios)
+    print(f"sweep / sequential by round: {', '.join(f'{x:.3f}' for x in ratios)}; median "
+          f"{ratio:.3f} (target <= 1.15); overhead a trial {statistics.median(overheads):+.1f} s")  # fmt: skip
     result = {
         "trials": n,
         "steps": args.steps,
-        "sequential_s": round(sequential_s, 1),
-        "sweep_s": round(sweep_s, 1),
+        "rounds": args.rounds,
         "sweep_vs_sequential_ratio": round(ratio, 3),
-        "tune_overhead_per_trial_s": round(overhead, 1),
-        "trial_startup_s": round(trial_start, 1),
-        "train_startup_s": round(seq_start, 1),
-        "trial_run_s": [round(t["run_s"], 1) for t in trials],
-        "sequential_run_s": [round(r["wall_s"], 1) for r in sequential],
+        "ratios": [round(x, 3) for x in ratios],
+        "tune_overhead_per_trial_s": round(statistics.median(overheads), 1),
+        "trial_startup_s": round(table["sweep"]["startup"], 1),
+        "train_startup_s": round(table["sequential"]["startup"], 1),
+        "sequential_s": [round(x["sequential"][0], 1) for x in rounds],
+        "sweep_s": [round(x["sweep"][0], 1) for x in rounds],
+        "phases_s": {s: {k: round(v, 1) for k, v in t.items()} for s, t in table.items()},
+        "machine": machine,
     }
     print(json.dumps(result))
 
