@@ -176,7 +176,8 @@ def connect_ray(job: JobConfig) -> None:
     """
     import ray
 
-    from pipeline.train.quiet import quiet_driver, quiet_local_ray
+    from pipeline.train.local_ray import local_ray_env
+    from pipeline.train.quiet import quiet_driver
 
     quiet_driver()
     if ray.is_initialized():
@@ -187,7 +188,7 @@ def connect_ray(job: JobConfig) -> None:
         return
     need = job.scaling.num_workers * job.scaling.cpus_per_worker + 2
     num_cpus = job.ray.num_cpus or int(max(os.cpu_count() or 1, need) + 0.999)
-    quiet_local_ray()
+    local_ray_env(num_cpus)
     ray.init(num_cpus=num_cpus)
 
 
@@ -686,7 +687,8 @@ def run_eval(
         raise ValueError(
             f"data {data!r} has categories {names[:5]}, the checkpoint was trained on {trained[:5]}"
         )
-    from pipeline.train.quiet import quiet_driver, quiet_local_ray
+    from pipeline.train.local_ray import local_ray_env
+    from pipeline.train.quiet import quiet_driver
 
     quiet_driver()
     if not ray.is_initialized():
@@ -694,8 +696,9 @@ def run_eval(
         if address:
             ray.init(address=address)
         else:
-            quiet_local_ray()
-            ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 2))
+            num_cpus = max(os.cpu_count() or 1, num_workers + 2)
+            local_ray_env(num_cpus)
+            ray.init(num_cpus=num_cpus)
     keep_working_directory()
     if use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0.0)

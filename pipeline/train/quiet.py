@@ -11,15 +11,7 @@ off at its source, by its exact message or setting, so real warnings and errors 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-
-# For a local instance started by the driver (a cluster's own settings are left alone).
-LOCAL_RAY_ENV = {
-    # One machine has no preemptible nodes; the watcher's actor logs an error-level
-    # `core_worker.cc ... PreemptionWatcher` line at every start. Read by the Train controller.
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
 
 # (logger name, message prefix) of expected records dropped in the driver.
 DRIVER_RECORDS = (
@@ -54,12 +46,6 @@ def _drop(records: tuple[tuple[str, str], ...]) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessages) for f in logger.filters):
             logger.addFilter(DropMessages(prefixes))
-
-
-def quiet_local_ray() -> None:
-    """Settings for a local Ray instance; call before `ray.init` starts it (env wins)."""
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 def quiet_driver() -> None:

@@ -171,11 +171,14 @@ def start_local_ray(num_cpus: int) -> str:
 
     import ray
 
+    from pipeline.train.local_ray import local_ray_env
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     os.environ[API_SERVER_ENV] = url  # the raylet and every worker inherit it
+    local_ray_env(num_cpus)
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,
@@ -249,6 +252,16 @@ def trial_name(trial: Any) -> str:
     return f"{trial.config['trial']}_{trial.trial_id}"
 
 
+def reuse_actors(scheduler: str) -> bool:
+    """Whether a finished trial's process takes the next trial.
+
+    Under FIFO a trial stops only when its function returns, so its warm process (imports,
+    MLflow client) can start the next trial at once instead of a new one importing for ~4 s.
+    ASHA stops trials early: a stopped trial's actor must exit, and its Train run with it.
+    """
+    return scheduler == "fifo"
+
+
 def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: bool) -> Any:
     """A new Tuner for the sweep's trials, or the restored one of an interrupted sweep."""
     from ray import tune
@@ -293,7 +306,7 @@ def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: b
             scheduler=scheduler,
             num_samples=1,  # the trials are expanded up front (pipeline.tune.sweep)
             max_concurrent_trials=max_concurrent,
-            reuse_actors=False,  # a stopped trial's actor exits, and its Train run with it
+            reuse_actors=reuse_actors(p.sweep.scheduler),
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
         ),

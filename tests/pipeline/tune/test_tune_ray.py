@@ -88,6 +88,14 @@ def live_placement_groups(timeout: float = 90) -> list[str]:
         time.sleep(2)
 
 
+def trial_pids(sweep_dir: Path) -> dict[str, int]:
+    """The process each trial last reported from, from Tune's saved state."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(sweep_dir)).trials
+    return {t.config["trial"]: t.last_result["pid"] for t in trials if t.last_result}
+
+
 def children(client: MlflowClient, parent: str) -> dict[str, object]:
     exp = client.get_run(parent).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -121,6 +129,9 @@ def test_asha_sweep_nested_in_mlflow(
     steps = {r.trial: r.steps for r in result["rows"]}
     assert steps == {"good": 6, "poor": 4, "diverges": 0}
     assert not result["unfinished"]
+    # An early stop must end the trial's process (and its Train run): ASHA reuses none.
+    pids = trial_pids(tmp_path / "runs" / "sweeps" / "asha")
+    assert len(set(pids.values())) == 3, pids
 
     client = MlflowClient(server)
     parent = client.get_run(result["parent_run_id"])
@@ -219,6 +230,8 @@ def test_interrupted_sweep_restores(
     assert not (trials / "second" / "step-00000006").exists(), "interrupted too late"
     assert "| second | seed=1 |" in log1.read_text().split("| trial |")[-1]
     assert "unfinished" in log1.read_text().split("| second |")[-1].splitlines()[0]
+    pids = trial_pids(storage / "sweeps" / "two")
+    assert pids["first"] == pids["second"], pids  # FIFO: the second trial took the warm process
 
     log2 = tmp_path / "second.log"
     proc = run_cli(args, env, log2)
