@@ -159,7 +159,14 @@ def test_a_test_scale_is_the_model_at_that_scale_and_scales_pool() -> None:
 
 
 @pytest.mark.parametrize(
-    "test", [{"flip": True}, {"box_vote": True}, {"mask_vote": True}, {"scales": [96, 128]}]
+    "test",
+    [
+        {"flip": True},
+        {"box_vote": True},
+        {"mask_vote": True},
+        {"scales": [96, 128]},
+        {"flip": True, "scales": [96, 128]},
+    ],
 )
 def test_model_forward_uses_its_test_config(test: dict) -> None:
     model = tiny_model(**test)

@@ -3,7 +3,8 @@
 An ASHA sweep whose poor trial (a learning rate that cannot learn) is stopped at the first
 rung and whose diverging trial fails without stopping the sweep; the parent run with its nested
 children, their params, metrics and final statuses, the results table and chart; an
-interrupted sweep restored by name; no placement group left behind.
+interrupted sweep restored by name; no placement group left behind. ASHA starts a process per
+trial (an early stop ends it), FIFO hands a finished trial's process to the next.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -88,12 +90,14 @@ def live_placement_groups(timeout: float = 90) -> list[str]:
         time.sleep(2)
 
 
-def trial_pids(sweep_dir: Path) -> dict[str, int]:
-    """The process each trial last reported from, from Tune's saved state."""
-    from ray.tune import ExperimentAnalysis
+def trial_actors() -> Counter:
+    """How many trial actors (Tune's `ImplicitFunc`) each job of the cluster has started."""
+    from ray.util.state import list_actors
 
-    trials = ExperimentAnalysis(str(sweep_dir)).trials
-    return {t.config["trial"]: t.last_result["pid"] for t in trials if t.last_result}
+    actors = list_actors(
+        filters=[("class_name", "=", "ImplicitFunc")], limit=1000, raise_on_missing_output=False
+    )
+    return Counter(a.job_id for a in actors)
 
 
 def children(client: MlflowClient, parent: str) -> dict[str, object]:
@@ -122,6 +126,7 @@ def test_asha_sweep_nested_in_mlflow(
     )
     sweep = load_sweep(str(path))
     job, base = base_job(CONFIG, base_sets(shards, tmp_path / "runs", server))
+    before = trial_actors()
     result = run_sweep(prepare(sweep, expand(sweep), job, base))
 
     status = {r.trial: r.status for r in result["rows"]}
@@ -130,8 +135,8 @@ def test_asha_sweep_nested_in_mlflow(
     assert steps == {"good": 6, "poor": 4, "diverges": 0}
     assert not result["unfinished"]
     # An early stop must end the trial's process (and its Train run): ASHA reuses none.
-    pids = trial_pids(tmp_path / "runs" / "sweeps" / "asha")
-    assert len(set(pids.values())) == 3, pids
+    started = trial_actors() - before
+    assert started == {ray.get_runtime_context().get_job_id(): 3}, started
 
     client = MlflowClient(server)
     parent = client.get_run(result["parent_run_id"])
@@ -216,6 +221,7 @@ def test_interrupted_sweep_restores(
     trials = storage / "sweeps" / "two" / "trials"
 
     log1 = tmp_path / "first.log"
+    before = trial_actors()
     proc = run_cli(args, env, log1)
     # Interrupt once the second trial has its first checkpoint: the first one is finished.
     wait_for(
@@ -230,8 +236,8 @@ def test_interrupted_sweep_restores(
     assert not (trials / "second" / "step-00000006").exists(), "interrupted too late"
     assert "| second | seed=1 |" in log1.read_text().split("| trial |")[-1]
     assert "unfinished" in log1.read_text().split("| second |")[-1].splitlines()[0]
-    pids = trial_pids(storage / "sweeps" / "two")
-    assert pids["first"] == pids["second"], pids  # FIFO: the second trial took the warm process
+    # FIFO: the second trial ran in the first one's process (one actor for the driver's job).
+    assert list((trial_actors() - before).values()) == [1]
 
     log2 = tmp_path / "second.log"
     proc = run_cli(args, env, log2)
