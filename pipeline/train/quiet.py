@@ -11,6 +11,7 @@ off at its source, by its exact message or setting, so real warnings and errors 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 # (logger name, message prefix) of expected records dropped in the driver.
@@ -21,6 +22,10 @@ DRIVER_RECORDS = (
 )
 # (logger name, message prefix) dropped in train and eval workers.
 WORKER_RECORDS = (("mlflow.pytorch", "Saving pytorch model by Pickle"),)
+# Ending a run on a tracking server, MLflow prints "View run ... at" and "View experiment at
+# <server>/#/experiments/<id>", which opens MLflow 3.17's GenAI overview (no traces here); the
+# driver prints the run's page and the runs table itself (`pipeline.tracking.runs`).
+SUPPRESS_MLFLOW_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 # Ray Train V2 names this logger by its file path; it logs every report of every rank at INFO.
 TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 # Ray Train's own `DataConfig.default_ingest_options` sets the deprecated option it warns about.
@@ -49,8 +54,10 @@ def _drop(records: tuple[tuple[str, str], ...]) -> None:
 
 
 def quiet_driver() -> None:
-    """Drop the driver's expected Ray messages (`DRIVER_RECORDS`, Ray's own deprecation)."""
+    """Drop the driver's expected Ray messages (`DRIVER_RECORDS`, Ray's own deprecation), and
+    MLflow's own links (`SUPPRESS_MLFLOW_LINKS`)."""
     _drop(DRIVER_RECORDS)
+    os.environ.setdefault(SUPPRESS_MLFLOW_LINKS, "true")
     from ray.util.annotations import RayDeprecationWarning
 
     warnings.filterwarnings("ignore", message=RAY_DEPRECATION, category=RayDeprecationWarning)

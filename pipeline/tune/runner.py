@@ -147,6 +147,9 @@ def connect(job: JobConfig, jobs: list[JobConfig]) -> None:
     """
     import ray
 
+    from pipeline.train.quiet import quiet_driver
+
+    quiet_driver()
     if not ray.is_initialized():
         address = job.ray.address or os.environ.get("RAY_ADDRESS", "")
         if address:

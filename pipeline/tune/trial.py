@@ -29,7 +29,9 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """
     from pipeline.tracking import runs as tracking
     from pipeline.train.driver import build_trainer, open_run, preflight
+    from pipeline.train.quiet import quiet_driver
 
+    quiet_driver()  # the trial's process drives its Train run
     trial = Trial(**setup["trials"][config["trial"]])
     job = trial_job(setup["base"], trial, Path(setup["sweep_dir"]), setup["tracking_uri"])
     plan = preflight(job)

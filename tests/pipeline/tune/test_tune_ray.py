@@ -247,6 +247,7 @@ def test_interrupted_sweep_restores(
     assert f"resumed from the checkpoint at step {resumed}" in text
     assert "resumed from the checkpoint at step 6" not in text  # the first trial is not rerun
     assert "| first |" in text and "| second |" in text
+    assert "View experiment at" not in log1.read_text() + text  # MLflow's own links, off
 
     client = MlflowClient(server)
     parent = json.loads((storage / "sweeps" / "two" / "sweep_run.json").read_text())["run_id"]
