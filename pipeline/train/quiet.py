@@ -4,8 +4,10 @@ Ray, Ray Data and MLflow print expected messages that look like problems: a toke
 warning, `tqdm is not installed`, a deprecation warning raised by Ray's own ingest defaults,
 an error-level line about the Ray Train preemption watcher's actor arguments, MLflow's pickle
 caution for the model we log on purpose, and Ray Train's per-report line that shows every
-rank's placeholder metrics (`segm_AP: -1.0` on ranks that did not evaluate). Each is switched
-off at its source, by its exact message or setting, so real warnings and errors still show.
+rank's placeholder metrics (`segm_AP: -1.0` on ranks that did not evaluate); MLflow also
+prints links of its own that lead elsewhere than ours. Each is switched off at its source, by
+its exact message or setting, so real warnings and errors still show (the preemption watcher
+in `pipeline.train.local_ray`).
 """
 
 from __future__ import annotations
