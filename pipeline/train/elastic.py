@@ -92,7 +92,13 @@ def accumulate_step(
     Returns:
         (the loss terms averaged over this rank's micro-batches, the bad term or None).
     """
-    from pipeline.train.loop import any_rank, apply_gradients, first_bad_term, forward_losses
+    from pipeline.train.loop import (
+        any_rank,
+        apply_gradients,
+        clear_gradients,
+        first_bad_term,
+        forward_losses,
+    )
 
     summed: dict[str, Tensor] = {}
     for i in range(share.passes):
@@ -104,7 +110,7 @@ def accumulate_step(
         with sync:
             loss_dict, total = forward_losses(model, images, targets, job, device)
             if any_rank(~torch.isfinite(total.detach())):
-                optimizer.zero_grad(set_to_none=True)
+                clear_gradients(optimizer)
                 return loss_dict, first_bad_term(loss_dict)
             scaler.scale(total * weight).backward()
         if weight > 0:

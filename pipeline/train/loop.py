@@ -121,7 +121,7 @@ def train_step(
     """
     loss_dict, total = forward_losses(model, images, targets, job, device)
     if any_rank(~torch.isfinite(total.detach())):
-        optimizer.zero_grad(set_to_none=True)
+        clear_gradients(optimizer)
         return loss_dict, first_bad_term(loss_dict)
     scaler.scale(total).backward()
     apply_gradients(model, optimizer, scaler, job)
@@ -155,7 +155,18 @@ def apply_gradients(
         nn.utils.clip_grad_norm_(model.parameters(), job.solver.clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    clear_gradients(optimizer)
+
+
+def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the gradients in place.
+
+    DDP runs with `gradient_as_bucket_view=True`: each gradient is a view into DDP's
+    all-reduce bucket, so autograd accumulates straight into it. Setting gradients to None
+    would make the next backward allocate fresh ones and DDP copy them into the buckets
+    (torch's DDP docstring): the copy and memory that option exists to save.
+    """
+    optimizer.zero_grad(set_to_none=False)
 
 
 def step_and_schedule(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -179,3 +180,70 @@ def test_release_host_memory_returns_a_threads_freed_heap() -> None:
     loop.release_host_memory()
     after = loop.host_memory()["rss_anon_gb"]
     assert before - after > 0.03, (before, after)  # tens of MB back to the OS
+
+
+class Scaled(nn.Module):
+    """A stand-in detector with two layers: `model(images, targets)` -> loss terms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        x = torch.stack([i.flatten()[:4] for i in images])  # (B, 4)
+        return {"loss": self.body(x).pow(2).mean()}
+
+
+def test_gradients_stay_views_of_ddp_buckets_across_steps(tmp_path: Any) -> None:
+    """With `gradient_as_bucket_view`, every backward accumulates into DDP's buckets.
+
+    After the first backward DDP makes each `.grad` a view into its all-reduce bucket. Clearing
+    gradients to None between steps would make autograd write every later gradient into a new
+    tensor (then copied into the bucket): the hook sees where autograd accumulated.
+    """
+    import torch.distributed as dist
+
+    from pipeline.train.elastic import accumulate_step, micro_batches
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(Scaled(), gradient_as_bucket_view=True)
+        j = job(**{"solver.optimizer": "sgd"})
+        optimizer = build_optimizer(model.module, j)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Where autograd accumulated each gradient, and where the optimizer found it.
+        accumulated: list[set[int]] = [set() for _ in params]
+        stepped: list[set[int]] = [set() for _ in params]
+        for i, p in enumerate(params):
+            p.register_post_accumulate_grad_hook(
+                lambda p, i=i: accumulated[i].add(p.grad.data_ptr())
+            )
+
+        def at_step(*_: Any) -> None:
+            for i, p in enumerate(params):
+                stepped[i].add(p.grad.data_ptr())
+
+        optimizer.register_step_pre_hook(at_step)
+        cpu = torch.device("cpu")
+        batch = ([torch.rand(3, 2, 2)], [{}])
+        bad = ([torch.full((3, 2, 2), math.nan)], [{}])
+        # DDP makes the gradients bucket views in the first backward, and rebuilds its buckets
+        # in the order gradients arrived at the second forward.
+        for _ in range(2):
+            loop.train_step(model, *batch, optimizer, scaler, j, cpu)
+        for sets in (*accumulated, *stepped):
+            sets.clear()
+        assert loop.train_step(model, *batch, optimizer, scaler, j, cpu)[1] is None
+        assert loop.train_step(model, *bad, optimizer, scaler, j, cpu)[1] is not None  # skipped
+        assert loop.train_step(model, *batch, optimizer, scaler, j, cpu)[1] is None
+        two = micro_batches(max_workers=2, world_size=1, rank=0)  # no_sync, then the all-reduce
+        assert accumulate_step(model, [batch, bad], two, optimizer, scaler, j, cpu)[1] is not None
+        assert accumulate_step(model, [batch, batch], two, optimizer, scaler, j, cpu)[1] is None
+        assert all(len(s) == 1 for s in stepped)  # one bucket view per parameter throughout
+        assert accumulated == stepped  # ... and autograd wrote into it, no copy
+    finally:
+        dist.destroy_process_group()
