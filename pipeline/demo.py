@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_job_config, parse_set
+from pipeline.data.manifest import load_manifest
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_synth.yaml"
 TRAIN_IMAGES, VAL_IMAGES = 600, 80
@@ -23,7 +24,6 @@ TRAIN_SEED, VAL_SEED = 0, 1
 def ensure_shards(raw: Path, shards: Path, split: str, images: int, seed: int) -> Path:
     """Synthesize a COCO-layout split and convert it, unless a complete shard dir exists."""
     from pipeline.data.convert_coco import convert_coco
-    from pipeline.data.shards import load_manifest
     from pipeline.data.synth import write_synthetic
 
     out = shards / split

@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
+
+from pipeline.data.manifest import load_manifest, shard_paths
 
 IOU_TYPES = ("bbox", "segm")
 # The first six COCOeval `stats`, in order: AP@[.5:.95], AP@.5, AP@.75, AP small/medium/large.
@@ -63,14 +66,9 @@ def coco_ground_truth(shard_dir: str | Path) -> COCO:
         "counts": str}}) and the manifest's `categories` ({id, name}).
 
     Raises:
-        ValueError: the manifest or a shard's schema is bad (from `shards.load_manifest`), or
+        ValueError: the manifest or a shard's schema is bad (from `manifest.load_manifest`), or
             an image_id appears twice (its results could not be told apart).
     """
-    # Imported here: shards.py pulls in the converter machinery, which evaluation rarely needs.
-    import pyarrow.parquet as pq
-
-    from pipeline.data.shards import load_manifest, shard_paths
-
     manifest = load_manifest(shard_dir)
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []

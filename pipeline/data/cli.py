@@ -15,9 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Same value as `shards.DEFAULT_SHARD_SIZE` (a test checks): importing shards here would load
-# pyarrow and PIL for every `panet --help`.
-DEFAULT_SHARD_SIZE = 256
+from pipeline.data.layout import DEFAULT_SHARD_SIZE
 
 
 def positive_int(text: str) -> int:
@@ -47,7 +45,7 @@ def _user_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]]
     def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         @functools.wraps(fn)
         def run(args: argparse.Namespace) -> int:
-            from pipeline.data.shards import DataError
+            from pipeline.data.manifest import DataError
 
             try:
                 return fn(args)
@@ -202,7 +200,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _check_yield(command: str, out: str, manifest: dict) -> int:
     """Exit 2 with a hint when the conversion kept nothing or skipped most images."""
-    from pipeline.data.shards import yield_problem
+    from pipeline.data.inspect import yield_problem
 
     problem = yield_problem(manifest)
     if problem is None:
@@ -250,7 +248,7 @@ def _cmd_convert_cityscapes(args: argparse.Namespace) -> int:
 
 @_user_errors("data inspect")
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import format_inspect, inspect_shards
+    from pipeline.data.inspect import format_inspect, inspect_shards
 
     report = inspect_shards(args.out, verify=args.verify)
     if args.json:

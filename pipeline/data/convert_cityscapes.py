@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.convert_mvd import id_map_rles, read_image_and_id_map
-from pipeline.data.shards import (
+from pipeline.data.manifest import DataError
+from pipeline.data.plan import (
     ConversionPlan,
-    DataError,
     ItemResult,
     RecordProblem,
     fingerprint,
     skip_entry,
-    write_shards,
 )
+from pipeline.data.writer import write_shards
 
 # Cityscapes label id -> (name, colour) of the 8 classes of the instance-level benchmark.
 THING_CLASSES: dict[int, tuple[str, tuple[int, int, int]]] = {

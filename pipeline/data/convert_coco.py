@@ -17,16 +17,16 @@ from typing import Any, TypeGuard
 
 from pycocotools import mask as mask_utils
 
-from pipeline.data.shards import (
+from pipeline.data.manifest import DataError
+from pipeline.data.plan import (
     ConversionPlan,
-    DataError,
     ItemResult,
     RecordProblem,
     fingerprint,
     read_image,
     skip_entry,
-    write_shards,
 )
+from pipeline.data.writer import write_shards
 
 
 def category_color(index: int) -> list[int]:

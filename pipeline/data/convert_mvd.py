@@ -24,16 +24,16 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.data.shards import (
+from pipeline.data.manifest import DataError
+from pipeline.data.plan import (
     ConversionPlan,
-    DataError,
     ItemResult,
     RecordProblem,
     fingerprint,
     read_image,
     skip_entry,
-    write_shards,
 )
+from pipeline.data.writer import write_shards
 
 VERSIONS = ("v1.2", "v2.0")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -53,6 +53,7 @@ from ray.data import DataContext, FileShuffleConfig, TaskPoolStrategy
 from ray.train import DataConfig
 
 from pipeline.data.augment import AugmentConfig, augment_table, decode_eval_table
+from pipeline.data.manifest import load_manifest, shard_paths
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -74,9 +75,6 @@ _EVAL_COLUMNS = ["image_id", "file_name", "height", "width", "image"]
 
 
 def _load(shard_dir: str) -> tuple[dict, list[str]]:
-    # Imported here: shards.py pulls in the converter machinery, which readers rarely need.
-    from pipeline.data.shards import load_manifest, shard_paths
-
     manifest = load_manifest(shard_dir)
     return manifest, shard_paths(manifest, shard_dir)
 
@@ -103,7 +101,7 @@ def steps_per_epoch(manifest: Mapping[str, Any], global_batch_size: int) -> int:
     """Optimizer steps per epoch, the same on every rank.
 
     Args:
-        manifest: from `shards.load_manifest`.
+        manifest: from `manifest.load_manifest`.
         global_batch_size: world_size * local_batch_size.
 
     Returns:
@@ -203,7 +201,7 @@ def build_train_dataset(
 
     Raises:
         ValueError: the manifest is missing, of another format_version, or a shard's schema
-            does not match (from `shards.load_manifest`), before any Ray work.
+            does not match (from `manifest.load_manifest`), before any Ray work.
     """
     manifest, paths = _load(shard_dir)
     seed = aug.seed if seed is None else seed

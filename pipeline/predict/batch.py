@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.data.manifest import load_manifest, shard_paths
 from pipeline.predict.results import PREDICTION_SCHEMA, ResultWriter, predict_item
 
 ITEM_SCHEMA = pa.schema(
@@ -67,8 +68,6 @@ def build_dataset(files: list[str], shards: list[str], batch_size: int) -> Any:
     come, not all at the end.
     """
     import ray.data
-
-    from pipeline.data.shards import load_manifest, shard_paths
 
     parts = []
     last_id = 0

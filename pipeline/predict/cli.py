@@ -166,6 +166,6 @@ def predict_locally(
 
 def _shard_rows(shards: list[str]) -> int:
     from pipeline.data.reader import num_rows
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     return sum(num_rows(load_manifest(s)) for s in shards)

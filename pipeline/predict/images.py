@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.data.manifest import load_manifest, shard_paths
+
 # File extensions a folder is searched for (case-insensitive).
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
@@ -85,8 +87,6 @@ def iter_items(files: Sequence[str], shards: Sequence[str]) -> Iterator[Item]:
     Files get ids after the largest shard record id, so the ids never collide.
     """
     import pyarrow.parquet as pq
-
-    from pipeline.data.shards import load_manifest, shard_paths
 
     last_id = 0
     for shard_dir in shards:

@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from panet_model.diagnostics import level_share
+from pipeline.data.manifest import iter_records
 from pipeline.tracking import runs as tracking
 
 
@@ -25,8 +26,6 @@ def read_samples(shard_dir: str, count: int, label_of: dict[int, int]) -> list[d
         Dicts with "image" (H, W, 3) uint8 and "gt" {"boxes" (N, 4) x1y1x2y2, "labels" (N,)
         contiguous, "masks" (N, H, W) bool} of the non-crowd instances.
     """
-    from pipeline.data.shards import iter_records
-
     samples = []
     for record in islice(iter_records(shard_dir), count):
         image = np.array(Image.open(io.BytesIO(record["image"])).convert("RGB"))

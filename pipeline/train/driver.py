@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import JobConfig
+from pipeline.data.manifest import load_manifest
 from pipeline.train.failures import FAILED_FILE, clear_failure, raise_failure
 from pipeline.train.resume import check_job_change, describe, write_job_record
 
@@ -77,7 +78,6 @@ def preflight(job: JobConfig, *, allow_changes: bool = False) -> Plan:
             a job never resumes on other data.
     """
     from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
-    from pipeline.data.shards import load_manifest
     from pipeline.tracking import runs as tracking
 
     for key, path in (("data.train", job.data.train), ("data.val", job.data.val)):
@@ -673,7 +673,6 @@ def run_eval(
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, inverse_label_map
-    from pipeline.data.shards import load_manifest
     from pipeline.train.checkpoints import load_state, model_config
     from pipeline.train.loop import eval_loop_per_worker
 
