@@ -192,6 +192,19 @@ class JobConfig:
         require(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
         require(self.checkpoint.keep_best >= 1, "checkpoint.keep_best", ">= 1")
         require(self.eval.every_steps >= 0, "eval.every_steps", ">= 0")
+        # COCOeval runs on rank 0 alone; the other ranks wait for it at the checkpoint's
+        # `ray.train.report` (Ray Train's barrier: no timeout unless RAY_TRAIN_COLLECTIVE_TIMEOUT_S
+        # sets one). Without a checkpoint at that step they would wait in the next step's NCCL
+        # all-reduce, which aborts after the process group's timeout (Ray Train's default: 30
+        # minutes). The last step always has both.
+        ev, ck = self.eval.every_steps, self.checkpoint.every_steps
+        require(
+            sc.num_workers == 1 or not 0 < ev < s.max_steps or ev % ck == 0,
+            "eval.every_steps",
+            f"a multiple of checkpoint.every_steps ({ck}) with {sc.num_workers} workers, got "
+            f"{ev}: every evaluation needs a checkpoint at the same step, where all ranks wait "
+            "for rank 0's COCOeval",
+        )
         require(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")
         require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
         require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")

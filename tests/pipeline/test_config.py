@@ -79,6 +79,25 @@ def test_bad_config_names_the_key(sets: list[str], message: str) -> None:
         load_job_config(REPO / "jobs/configs/tiny_synth.yaml", parse_set(sets))
 
 
+def test_evaluations_fall_on_checkpoints_with_several_workers() -> None:
+    """Ranks 1.. wait for rank 0's COCOeval at the checkpoint's report, never in an all-reduce.
+
+    tiny_synth: 2 workers, 300 steps.
+    """
+    with pytest.raises(
+        ValueError, match=r"'eval\.every_steps'.* checkpoint\.every_steps \(40\) .*got 100"
+    ):
+        load_job_config(CONFIG, {"eval.every_steps": 100, "checkpoint.every_steps": 40})
+    fine = [
+        {"eval.every_steps": 120, "checkpoint.every_steps": 40},
+        {"eval.every_steps": 0, "checkpoint.every_steps": 40},  # only at the end
+        {"eval.every_steps": 300, "checkpoint.every_steps": 40},  # the last step has both
+        {"eval.every_steps": 100, "checkpoint.every_steps": 40, "scaling.num_workers": 1},
+    ]
+    for sets in fine:
+        assert load_job_config(CONFIG, sets).eval.every_steps == sets["eval.every_steps"]
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_job_config(tmp_path / "nope.yaml")
