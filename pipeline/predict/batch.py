@@ -11,6 +11,7 @@ prints progress and throughput.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,76 @@ def _max_ids(paths: list[str]) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
+def replica_device(device: str, gpus_per_replica: float | None) -> tuple[str, float]:
+    """Each replica's device and the GPUs Ray reserves for it.
+
+    Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in an actor that asks for no GPU (its
+    `set_visible_accelerator_ids` skips zero GPUs unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1):
+    every such replica would see all of its node's GPUs and load the model onto GPU 0. A CUDA
+    replica therefore reserves a GPU (1 unless `--gpus-per-replica` says otherwise; 0.5 puts two
+    on one GPU), and Ray makes that GPU its only visible one, its `cuda:0`.
+
+    Args:
+        device: `--device`: cpu, cuda, cuda:N or auto (cuda if GPUs are reserved, else cpu).
+        gpus_per_replica: `--gpus-per-replica`, None if not given.
+
+    Returns:
+        (the replicas' device, GPUs per replica)
+
+    Raises:
+        ValueError: a device that contradicts the GPUs asked for, or a GPU index, which names
+            a GPU of this machine, not of the replica's node.
+    """
+    gpus = gpus_per_replica
+    if gpus is not None and gpus < 0:
+        raise ValueError(f"--gpus-per-replica {gpus:g}: must be >= 0")
+    if device == "auto":
+        device = "cuda" if gpus else "cpu"
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        if gpus:
+            raise ValueError(
+                f"--gpus-per-replica {gpus:g} reserves GPUs that --device {device} does not use: "
+                "use --device cuda (or auto)"
+            )
+        return device, 0.0
+    if index:
+        raise ValueError(
+            f"--device {device}: with --ray each replica sees only the GPU Ray gives it, as "
+            "cuda:0; use --device cuda"
+        )
+    if gpus == 0:
+        raise ValueError(
+            "--device cuda with --gpus-per-replica 0: every replica would see all of its node's "
+            "GPUs and load the model onto the first; reserve one each (--gpus-per-replica 1, "
+            "the default) or a share (0.5)"
+        )
+    return "cuda", 1.0 if gpus is None else gpus
+
+
+def check_replica_gpus(
+    replicas: int, gpus: float, cluster: dict[str, float], autoscaler_max: dict[str, float]
+) -> None:
+    """Fail now, not wait forever, if the cluster cannot give every replica its GPUs.
+
+    Args:
+        replicas: model replicas.
+        gpus: GPUs of each replica.
+        cluster: the cluster's resources now (`ray.cluster_resources()`).
+        autoscaler_max: the most its autoscaler can add up to ({}: a fixed cluster); the
+            replicas wait for the nodes it adds.
+    """
+    per_gpu = int(1 / gpus + 1e-9) if gpus < 1 else 0  # replicas sharing one GPU
+    need = math.ceil(replicas / per_gpu) if per_gpu else math.ceil(replicas * gpus - 1e-9)
+    have = max(cluster.get("GPU", 0.0), autoscaler_max.get("GPU", 0.0))
+    if need > have:
+        where = "this autoscaling cluster grows to at most" if autoscaler_max else "the cluster has"
+        raise ValueError(
+            f"--replicas {replicas} x --gpus-per-replica {gpus:g} need {need} GPUs, "
+            f"but {where} {have:g}"
+        )
+
+
 def connect(num_cpus: float) -> None:
     """Join RAY_ADDRESS, or start a local instance with at least `num_cpus` logical CPUs."""
     import ray
@@ -133,7 +204,7 @@ def predict_with_ray(
     replicas: int = 1,
     batch_size: int = 16,
     cpus_per_replica: float = 1.0,
-    gpus_per_replica: float = 0.0,
+    gpus_per_replica: float | None = None,
     pictures: bool = False,
 ) -> dict[str, Any]:
     """Batch inference over shard records and image files with a pool of model replicas.
@@ -143,13 +214,14 @@ def predict_with_ray(
         files, shards: from `images.collect_inputs`.
         out: output folder: predictions/*.parquet, results.json, images.json (and pictures/).
             On a multi-node cluster it must be storage every node sees.
-        options: `load_predictor` keyword arguments (device, thresholds, overrides, URI).
+        options: `load_predictor` keyword arguments (device, thresholds, overrides, URI);
+            the device is each replica's (`replica_device`).
         categories: dataset category id -> name, for images.json.
         total: number of images, for the progress lines.
         replicas: model replicas (actors) in the pool.
         batch_size: images per `map_batches` batch.
         cpus_per_replica: CPUs reserved by (and torch threads of) each replica.
-        gpus_per_replica: GPUs of each replica (1 on a GPU cluster).
+        gpus_per_replica: GPUs of each replica; None: 1 on CUDA, else 0 (`replica_device`).
         pictures: draw each image's detections into out/pictures.
 
     Returns:
@@ -157,7 +229,15 @@ def predict_with_ray(
     """
     from ray.data import ActorPoolStrategy
 
+    device, gpus = replica_device(options.get("device", "auto"), gpus_per_replica)
+    options = {**options, "device": device}
     connect(replicas * cpus_per_replica + 1)
+    if gpus:
+        import ray
+
+        from pipeline.train.driver import autoscaler_max_resources
+
+        check_replica_gpus(replicas, gpus, ray.cluster_resources(), autoscaler_max_resources())
     ds = build_dataset(files, shards, batch_size)
     predicted = ds.map_batches(
         PredictActor,
@@ -171,7 +251,7 @@ def predict_with_ray(
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=cpus_per_replica,
-        num_gpus=gpus_per_replica,
+        num_gpus=gpus,
     )
     writer = ResultWriter(out, categories, total, parquet=True)
     for batch in predicted.iter_batches(batch_format="pyarrow", batch_size=None):

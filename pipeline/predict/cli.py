@@ -64,7 +64,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ray.add_argument(
         "--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) per replica"
     )
-    ray.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica")
+    ray.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs Ray reserves for each replica (default: 1 with --device cuda, else 0; "
+        "0.5 puts two replicas on one GPU)",
+    )
     p.set_defaults(func=cmd_predict)
 
 
@@ -96,6 +102,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("no INPUT given: name image files, folders or shard directories")
     if args.replicas < 1 or args.batch_size < 1:
         raise ValueError("--replicas and --batch-size must be >= 1")
+    replica_dev = ""
+    if args.ray:
+        from pipeline.predict.batch import replica_device
+
+        replica_dev, gpus = replica_device(args.device, args.gpus_per_replica)
+        replica_dev += f" ({args.replicas} replicas x {gpus:g} GPU)" if gpus else ""
     files, shards = collect_inputs(args.inputs)
     total = len(files) + _shard_rows(shards)
     options: dict[str, Any] = {
@@ -105,20 +117,21 @@ def run(args: argparse.Namespace) -> int:
         "score_threshold": args.score_threshold,
         "max_detections": args.max_detections,
     }
-    # Loaded here also with --ray: a bad model fails now, and images.json needs the classes.
-    predictor = load_predictor(args.model, **options)
+    # Loaded here also with --ray: a bad model fails now, and images.json needs the classes. On
+    # the CPU: the replicas predict, and a cluster's driver runs on its head, which has no GPU.
+    predictor = load_predictor(
+        args.model, **({**options, "device": "cpu"} if args.ray else options)
+    )
     out = Path(args.out)
     print(
         f"[predict] {total} images, model {args.model} "
         f"({'MLflow' if is_mlflow_model(args.model) else 'checkpoint'}, "
-        f"{len(predictor.categories)} classes) on {predictor.device}",
+        f"{len(predictor.categories)} classes) on {replica_dev or predictor.device}",
         flush=True,
     )
     if args.ray:
         from pipeline.predict.batch import predict_with_ray
 
-        if args.device == "auto":
-            options["device"] = "cuda" if args.gpus_per_replica > 0 else "cpu"
         summary = predict_with_ray(
             args.model,
             files,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -69,13 +71,20 @@ class Plan:
     changes: tuple[tuple[str, Any, Any], ...] = ()
 
 
-def preflight(job: JobConfig, *, allow_changes: bool = False) -> Plan:
+def preflight(
+    job: JobConfig,
+    *,
+    allow_changes: bool = False,
+    autoscaler_max: dict[str, float] | None = None,
+) -> Plan:
     """Check the config, weights, data and resources without Ray; ValueError names the problem.
 
     Args:
         job: the job.
         allow_changes: resume an existing job name even if its config changed (`--resume`);
             a job never resumes on other data.
+        autoscaler_max: inside Ray, what the cluster's autoscaler can add up to, as the
+            caller's driver found it (`preflight_resources`); None: asked here.
     """
     from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
     from pipeline.tracking import runs as tracking
@@ -98,8 +107,7 @@ def preflight(job: JobConfig, *, allow_changes: bool = False) -> Plan:
         raise ValueError(f"config key 'solver.ims_per_batch': {err}") from err
     if num_rows(val) == 0:
         raise ValueError(f"config key 'data.val': {job.data.val!r} holds no records")
-    if not cluster_address(job):
-        check_resources(job)
+    preflight_resources(job, autoscaler_max)
     check_weights(job, len(train_cats) + 1)
     changes = check_job_change(
         job, dict(train_cats), str(train.get("fingerprint", "")), allow_changes=allow_changes
@@ -192,6 +200,35 @@ def connect_ray(job: JobConfig) -> None:
     ray.init(num_cpus=num_cpus)
 
 
+def preflight_resources(job: JobConfig, autoscaler_max: dict[str, float] | None = None) -> None:
+    """The resource check of `preflight`: against the cluster from inside Ray, else this machine.
+
+    A process of a Ray cluster (a Tune trial's actor, a driver already connected) may run on any
+    node, a CPU node too, while its job's workers go wherever the cluster places them: the check
+    is against the cluster and what its autoscaler can add, never the process's own node (under
+    `ray up` a trial's actor has no RAY_ADDRESS to tell it is on a cluster). A driver about to
+    join a cluster is checked once connected (`run_training`); a local instance, against this
+    machine.
+
+    Args:
+        job: the job.
+        autoscaler_max: see `check_resources`. A trial passes its sweep driver's answer: the
+            autoscaling config is read on the head node, and a trial may run on any node.
+    """
+    if ray_connected():
+        import ray
+
+        check_resources(job, ray.cluster_resources(), autoscaler_max)
+    elif not cluster_address(job):
+        check_resources(job)
+
+
+def ray_connected() -> bool:
+    """Whether this process is a connected Ray driver or worker (Ray is not imported for it)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def check_resources(
     job: JobConfig,
     cluster: dict[str, float] | None = None,
@@ -245,19 +282,96 @@ def check_resources(
         )
 
 
+# The cluster launcher's autoscaling config, on the head node (`ray up` writes it there).
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
 def autoscaler_max_resources() -> dict[str, float]:
     """The most the connected cluster's autoscaler can add up to; {} for a fixed-size cluster.
 
-    Read from the autoscaler's cluster config in the GCS (its node groups x their max
-    replicas), as Ray Train's own worker-group check does.
+    First Ray's own record, the cluster config in the GCS (node groups x their max replicas),
+    which Ray Train's worker-group check reads. Ray 2.60's autoscalers (v1 and v2) never write it
+    (nothing in Ray calls the GCS client's `report_cluster_config`), so on the shipped clusters
+    the autoscaling config is read where the head node has it: the cluster launcher's
+    `~/ray_bootstrap_config.yaml`, or KubeRay's RayCluster, read with the head pod's service
+    account and converted by Ray's own KubeRay autoscaler code. Elsewhere (a worker node) only
+    Ray's record answers: a Tune trial gets its driver's answer (`preflight_resources`).
     """
     from ray._private import state as ray_state
 
     try:
         found = ray_state.state.get_max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - no autoscaler state: treat as fixed
-        return {}
-    return {k: float(v) for k, v in (found or {}).items()}
+        found = None
+    if found:
+        return {k: float(v) for k, v in found.items()}
+    config = head_autoscaling_config()
+    return autoscaling_config_max(config) if config else {}
+
+
+def head_autoscaling_config() -> dict[str, Any] | None:
+    """The autoscaling config of the cluster launcher or KubeRay head this process runs on."""
+    import yaml
+
+    path = Path(LAUNCHER_CONFIG).expanduser()
+    if path.is_file():
+        return yaml.safe_load(path.read_text())
+    name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
+    if not (name and namespace and os.environ.get("KUBERNETES_SERVICE_HOST")):
+        return None
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+    from ray.autoscaler._private.kuberay.node_provider import KubernetesHttpApiClient
+
+    try:
+        # One request (the autoscaler's own producer retries for 20 s): a worker pod's service
+        # account may not read RayClusters, only the head's (KubeRay's autoscaler role).
+        cr = KubernetesHttpApiClient(namespace).get(f"rayclusters/{name}")
+        return _derive_autoscaling_config_from_ray_cr(cr)
+    except Exception as err:  # noqa: BLE001 - no config: checked as a fixed cluster
+        warnings.warn(
+            f"could not read RayCluster {namespace}/{name} for its autoscaling limits "
+            f"({type(err).__name__}: {err}); checking the cluster as it is now",
+            stacklevel=2,
+        )
+        return None
+
+
+def autoscaling_config_max(config: dict[str, Any]) -> dict[str, float]:
+    """The most of each resource an autoscaling config's nodes add up to.
+
+    Every node type counts up to its `max_workers` (the head once), all worker types together
+    up to the global `max_workers`, filled with the types richest in that resource first.
+
+    Args:
+        config: a cluster launcher YAML or KubeRay's derived autoscaling config
+            (`available_node_types` with `resources`, `max_workers`; `head_node_type`).
+
+    Returns:
+        {resource: amount}; {} if no node type declares resources.
+    """
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    cap = config.get("max_workers")
+    left_total = math.inf if cap is None else float(cap)
+    names = {r for t in types.values() for r in (t.get("resources") or {})}
+    out: dict[str, float] = {}
+    for res in sorted(names):
+        amount, left = 0.0, left_total
+        by_amount = sorted(
+            types.items(), key=lambda kv: -(kv[1].get("resources") or {}).get(res, 0)
+        )
+        for name, node_type in by_amount:
+            per_node = float((node_type.get("resources") or {}).get(res, 0))
+            if name == head:
+                amount += per_node
+                continue
+            count = min(float(node_type.get("max_workers", 0)), left)
+            amount += count * per_node
+            left -= count
+        out[res] = amount
+    return out
 
 
 def warn_if_short_now(

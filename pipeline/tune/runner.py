@@ -113,24 +113,41 @@ def trial_needs(job: JobConfig) -> dict[str, float]:
     return needs
 
 
-def concurrency(p: Prepared, cluster: dict[str, float]) -> int:
-    """How many trials run at once: what the cluster holds, capped by the sweep's setting.
+def concurrency(
+    p: Prepared, cluster: dict[str, float], autoscaler_max: dict[str, float] | None = None
+) -> int:
+    """How many trials run at once: what the cluster can hold, capped by the sweep's setting.
+
+    An autoscaling cluster may hold nothing yet (KubeRay and the cluster launcher start their
+    worker groups at zero): it is counted at the size its autoscaler can grow to, and trials
+    beyond what it holds now wait for the nodes it adds, as `driver.warn_if_short_now` says.
+
+    Args:
+        p: the sweep.
+        cluster: the cluster's resources now (`ray.cluster_resources()`).
+        autoscaler_max: the most the cluster's autoscaler can add up to
+            (`driver.autoscaler_max_resources`); {} or None for a fixed-size cluster.
 
     Raises:
-        ValueError: naming the config key, if the cluster cannot hold one trial.
+        ValueError: naming the config key, if the cluster, grown to its largest, cannot hold
+            one trial.
     """
+    growable = autoscaler_max or {}
     fits = len(p.trials)
     for job in p.jobs:
         for res, need in trial_needs(job).items():
-            have = cluster.get(res, 0.0)
+            have = max(cluster.get(res, 0.0), growable.get(res, 0.0))
             n = int(have / need + 1e-9) if need > 0 else fits
             if n < 1:
                 s = job.scaling
+                where = (
+                    "this autoscaling cluster grows to at most" if growable else "the cluster has"
+                )
                 raise ValueError(
                     f"config key 'scaling.num_workers': a trial needs {need:g} {res} "
                     f"({s.num_workers} workers x {s.cpus_per_worker:g} CPU, "
                     f"{job.data.decode_cpus:g} for Ray Data and the trial's own actor), "
-                    f"but the cluster has {have:g}"
+                    f"but {where} {have:g}"
                 )
             fits = min(fits, n)
     return min(fits, p.sweep.concurrency) if p.sweep.concurrency else fits
@@ -265,8 +282,22 @@ def reuse_actors(scheduler: str) -> bool:
     return scheduler == "fifo"
 
 
-def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: bool) -> Any:
-    """A new Tuner for the sweep's trials, or the restored one of an interrupted sweep."""
+def build_tuner(
+    p: Prepared,
+    parent_run_id: str,
+    max_concurrent: int,
+    restore: bool,
+    autoscaler_max: dict[str, float] | None = None,
+) -> Any:
+    """A new Tuner for the sweep's trials, or the restored one of an interrupted sweep.
+
+    Args:
+        p: the sweep.
+        parent_run_id: the sweep's MLflow run.
+        max_concurrent: trials at a time (`concurrency`).
+        restore: restore the sweep's saved Tuner if there is one.
+        autoscaler_max: what the cluster's autoscaler can add up to, for the trials' checks.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -280,6 +311,7 @@ def build_tuner(p: Prepared, parent_run_id: str, max_concurrent: int, restore: b
         "parent_run_id": parent_run_id,
         "sweep": p.sweep.name,
         "trials": {t.name: asdict(t) for t in p.trials},
+        "autoscaler_max": autoscaler_max,
     }
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPU}
@@ -435,7 +467,7 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         {"rows", "best", "paths", "unfinished", "tracking_uri", "parent_run_id",
         "sweep_dir", "elapsed_s"}.
     """
-    from pipeline.train.driver import preflight
+    from pipeline.train.driver import autoscaler_max_resources, preflight
 
     t0 = time.perf_counter()
     for job in p.jobs:
@@ -444,7 +476,9 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
     connect(p.base_job, p.jobs)
     import ray
 
-    max_concurrent = concurrency(p, ray.cluster_resources())
+    # Read here, on the head node, where the autoscaling config is; the trials get it too.
+    growable = autoscaler_max_resources()
+    max_concurrent = concurrency(p, ray.cluster_resources(), growable)
     parent = open_parent(p)
     rungs = ""
     if p.sweep.scheduler == "asha":
@@ -456,7 +490,7 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         f"{'restoring' if restore else 'starting'} in {p.sweep_dir}",
         flush=True,
     )
-    tuner = build_tuner(p, parent, max_concurrent, restore)
+    tuner = build_tuner(p, parent, max_concurrent, restore, growable)
     tuner.fit()
     rows = collect(p, saved_trials(p))
     out = finish(p, parent, rows)

@@ -25,7 +25,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     Args:
         config: Tune's param space entry: `{"trial": the trial's name}`.
         setup: from the driver: `base` (the flat base job), `sweep_dir`, `tracking_uri`,
-            `parent_run_id`, `sweep` (its name), `trials` ({name: Trial fields}).
+            `parent_run_id`, `sweep` (its name), `trials` ({name: Trial fields}),
+            `autoscaler_max` (`driver.autoscaler_max_resources` on the driver).
     """
     from pipeline.tracking import runs as tracking
     from pipeline.train.driver import build_trainer, open_run, preflight
@@ -34,7 +35,9 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     quiet_driver()  # the trial's process drives its Train run
     trial = Trial(**setup["trials"][config["trial"]])
     job = trial_job(setup["base"], trial, Path(setup["sweep_dir"]), setup["tracking_uri"])
-    plan = preflight(job)
+    # On the cluster, not this actor's node (any node, a CPU one too), at the size the driver
+    # found its autoscaler can reach.
+    plan = preflight(job, autoscaler_max=setup.get("autoscaler_max"))
     tags = {
         PARENT_TAG: setup["parent_run_id"],
         TRIAL_TAG: trial.name,

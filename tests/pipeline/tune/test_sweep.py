@@ -30,7 +30,7 @@ NORMS = {
 def jobs_of(sweep_name: str, tmp_path: Path, config: Path | None = None) -> dict:
     """{trial name: resolved flat job config} of a shipped sweep on its own base config."""
     sweep = load_sweep(sweep_name)
-    job, base = base_job(config or REPO / sweep.config, {"checkpoint.storage_path": str(tmp_path)})
+    job, base = base_job(config or sweep.config, {"checkpoint.storage_path": str(tmp_path)})
     prepared = prepare(sweep, expand(sweep), job, base)
     return {t.name: j.flat() for t, j in zip(prepared.trials, prepared.jobs)}
 
@@ -208,6 +208,18 @@ def test_concurrency_from_the_cluster(tmp_path: Path) -> None:
     assert concurrency(p, {"CPU": 64.0}) == 5  # no more than the trials
     with pytest.raises(ValueError, match="scaling.num_workers"):
         concurrency(p, {"CPU": 2.0})
+
+
+def test_concurrency_on_an_autoscaling_cluster_counts_what_it_grows_to(tmp_path: Path) -> None:
+    # KubeRay's and the launcher's worker groups start at zero: the head alone has 0 CPU, 0 GPU.
+    p = prepared(tmp_path, **{"scaling.use_gpu": True})  # 2 GPUs a trial
+    now = {"CPU": 0.0}
+    with pytest.raises(ValueError, match="the cluster has 0"):
+        concurrency(p, now, {})
+    assert concurrency(p, now, {"CPU": 224.0, "GPU": 16.0}) == 5  # the 5 trials, 8 would fit
+    assert concurrency(p, now, {"CPU": 224.0, "GPU": 4.0}) == 2
+    with pytest.raises(ValueError, match="GPU.*grows to at most 1"):
+        concurrency(p, now, {"CPU": 224.0, "GPU": 1.0})
 
 
 def test_shared_tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
