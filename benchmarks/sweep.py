@@ -85,9 +85,9 @@ def main() -> None:
 
     import ray
 
+    from pipeline import tracking
     from pipeline.config import load_job_config
     from pipeline.demo import ensure_shards
-    from pipeline.tracking import runs as tracking
     from pipeline.train.driver import run_training
     from pipeline.tune.runner import prepare, run_sweep, start_local_ray
     from pipeline.tune.sweep import base_job, expand, load_sweep

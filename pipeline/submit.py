@@ -365,7 +365,7 @@ def dashboard_link(client: Any, job_id: str) -> str:
 
 def mlflow_link(tracking_uri: str, run_id: str) -> str:
     """The run's page in the MLflow UI (`tracking.run_page_url`)."""
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     return tracking.run_page_url(tracking_uri, run_id)
 

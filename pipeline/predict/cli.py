@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.register:
         if not args.model.startswith(("models:/", "runs:/")):
             raise ValueError("--register needs an MLflow --model URI (models:/... or runs:/...)")
-        from pipeline.tracking import runs as tracking
+        from pipeline import tracking
 
         uri = tracking_uri_for(args.model, args.tracking_uri)
         version = tracking.register_model(uri, args.model, args.register)
@@ -178,7 +178,7 @@ def predict_locally(
 
 
 def _shard_rows(shards: list[str]) -> int:
-    from pipeline.data.reader import num_rows
     from pipeline.data.manifest import load_manifest
+    from pipeline.data.reader import num_rows
 
     return sum(num_rows(load_manifest(s)) for s in shards)

@@ -189,7 +189,7 @@ def _from_checkpoint(source: str) -> tuple[dict, dict[str, Any], dict[int, str]]
 def _from_mlflow(
     source: str, tracking_uri: str | None
 ) -> tuple[dict, dict[str, Any], dict[int, str]]:
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     uri = tracking_uri_for(source, tracking_uri)
     try:

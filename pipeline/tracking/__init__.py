@@ -1,1 +1,64 @@
-"""MLflow: runs, params, metrics, pictures and models."""
+"""MLflow: where runs go (store), one run per job (runs), artifacts, models; pictures and samples.
+
+Callers use the package, `from pipeline import tracking`, then `tracking.log_metrics(...)`: the
+names below are its public interface, whichever module holds them. Importing it is cheap (MLflow
+is imported inside the functions); `pictures` and `samples` (matplotlib, torch) are imported by
+name where they are needed.
+"""
+
+from pipeline.tracking.artifacts import log_artifact_file, log_dict, log_figure, log_image
+from pipeline.tracking.models import (
+    load_model,
+    log_model,
+    model_metadata,
+    model_pip_requirements,
+    register_model,
+)
+from pipeline.tracking.runs import (
+    MAX_PARAM_VALUE_LENGTH,
+    child_runs,
+    delete_tags,
+    finish_run,
+    log_dataset_inputs,
+    log_metrics,
+    log_params,
+    set_tags,
+    source_tags,
+    start_or_resume_run,
+)
+from pipeline.tracking.store import (
+    TrackingUnavailableError,
+    default_artifact_location,
+    resolve_tracking_uri,
+    run_page_url,
+    script_command,
+    ui_command,
+)
+
+__all__ = [
+    "MAX_PARAM_VALUE_LENGTH",
+    "TrackingUnavailableError",
+    "child_runs",
+    "default_artifact_location",
+    "delete_tags",
+    "finish_run",
+    "load_model",
+    "log_artifact_file",
+    "log_dataset_inputs",
+    "log_dict",
+    "log_figure",
+    "log_image",
+    "log_metrics",
+    "log_model",
+    "log_params",
+    "model_metadata",
+    "model_pip_requirements",
+    "register_model",
+    "resolve_tracking_uri",
+    "run_page_url",
+    "script_command",
+    "set_tags",
+    "source_tags",
+    "start_or_resume_run",
+    "ui_command",
+]

@@ -15,8 +15,8 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from panet_model.diagnostics import level_share
+from pipeline import tracking
 from pipeline.data.manifest import iter_records
-from pipeline.tracking import runs as tracking
 
 
 def read_samples(shard_dir: str, count: int, label_of: dict[int, int]) -> list[dict[str, Any]]:

@@ -86,8 +86,8 @@ def preflight(
         autoscaler_max: inside Ray, what the cluster's autoscaler can add up to, as the
             caller's driver found it (`preflight_resources`); None: asked here.
     """
+    from pipeline import tracking
     from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
-    from pipeline.tracking import runs as tracking
 
     for key, path in (("data.train", job.data.train), ("data.val", job.data.val)):
         if not storage.exists(path):
@@ -459,7 +459,7 @@ def open_run(
     Returns:
         (tracking_uri, run_id)
     """
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     job.run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
@@ -598,7 +598,7 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
     """
     import ray
 
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     plan = preflight(job, allow_changes=allow_changes)
     if plan.changes:
@@ -684,7 +684,7 @@ def check_cluster_storage(job: JobConfig) -> None:
     """
     import ray
 
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     if sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
         return
@@ -712,7 +712,7 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
     (`metrics.json` beside `state.pt`) and its MLflow run (`mlflow_run.json`) are the answer.
     None when the job is new, unfinished, or now logs to another tracking URI.
     """
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
     from pipeline.train.checkpoints import latest_state_file
 
     path = latest_state_file(job.run_dir)

@@ -130,7 +130,7 @@ def record_world(ctx: dict[str, Any], step: int, previous_size: int) -> None:
     """
     import ray
 
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     node = ray.get_runtime_context().get_node_id()
     size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from panet_model import build_panet
+from pipeline import tracking
 from pipeline.config import JobConfig
 from pipeline.data.collate import to_float_image
 from pipeline.data.reader import (
@@ -30,7 +31,6 @@ from pipeline.data.reader import (
     iter_eval_batches,
     iter_train_batches,
 )
-from pipeline.tracking import runs as tracking
 from pipeline.train.checkpoints import (
     load_state,
     restore_training_state,

@@ -7,7 +7,7 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipeline.tracking import runs as tracking
+from pipeline import tracking
 
 PARENT_TAG = "mlflow.parentRunId"  # nests a child run under its parent in the MLflow UI
 TRIAL_TAG = "sweep.trial"

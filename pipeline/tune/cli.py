@@ -68,7 +68,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def print_summary(result: dict[str, Any]) -> None:
     """The results table, the best trial, the parent run's page and the UI command."""
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     print("\n" + Path(result["paths"]["md"]).read_text())
     best = result["best"]

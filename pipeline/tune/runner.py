@@ -231,7 +231,7 @@ def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
 
 def open_parent(p: Prepared) -> str:
     """The sweep's MLflow parent run: created once, its id kept in the sweep directory."""
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
     from pipeline.train.driver import git_commit
 
     record = p.sweep_dir / SWEEP_RUN
@@ -408,7 +408,7 @@ def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None
     `SweepTracker` sets them as trials end; an interrupted trial is stopped like an early one,
     so its run is set back here to KILLED, untagged, and a restore resumes it.
     """
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
     from pipeline.tune.callbacks import TRIAL_TAG
 
     uri = p.tracking_uri
@@ -431,7 +431,7 @@ def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None
 
 def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
     """Results to the sweep directory and the parent run; the best trial marked."""
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
     from pipeline.tune.trial import TRIAL_TAG
 
     uri = p.tracking_uri

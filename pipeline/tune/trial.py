@@ -28,7 +28,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             `parent_run_id`, `sweep` (its name), `trials` ({name: Trial fields}),
             `autoscaler_max` (`driver.autoscaler_max_resources` on the driver).
     """
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
     from pipeline.train.driver import build_trainer, open_run, preflight
     from pipeline.train.quiet import quiet_driver
 

@@ -153,7 +153,7 @@ def test_a_finished_job_is_answered_from_its_run_directory(
     import json
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
     from pipeline.train.driver import finished_result
 
     def job_with(**sets):

@@ -267,7 +267,7 @@ def job_ids(cluster, cwd: Path) -> list[str]:
 def test_tiny_job_runs_streams_and_links(cluster, shards, working_dir, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import runs as tracking
+    from pipeline import tracking
 
     storage = tmp_path / "runs"
     cmd = ["panet", "submit", "--address", cluster.dashboard_url, "train", "--no-pip"]

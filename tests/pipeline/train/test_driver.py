@@ -20,8 +20,8 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline import tracking
 from pipeline.config import load_job_config
-from pipeline.tracking import runs as tracking
 from pipeline.train.driver import run_training
 from tests.mlflow_server import mlflow_server
 

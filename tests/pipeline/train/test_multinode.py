@@ -130,7 +130,7 @@ def test_driver_goes_on_when_its_working_directory_is_deleted(tmp_path: Path) ->
     script = f"""
 import os, shutil
 from pipeline.train.driver import keep_working_directory
-from pipeline.tracking import runs as tracking
+from pipeline import tracking
 os.chdir({str(tmp_path / "cwd")!r}); shutil.rmtree({str(tmp_path / "cwd")!r})
 keep_working_directory()
 print(tracking.start_or_resume_run("sqlite:///{tmp_path}/mlflow.db", "e", "job", None, {{}}))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import tracking
 from pipeline.demo import ensure_shards
-from pipeline.tracking import runs as tracking
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
