@@ -49,8 +49,8 @@ class Rows:
 def augmented_rows(shards: Path, n: int, job: Any) -> tuple[list[dict[str, Any]], int]:
     """The first `n` records decoded and augmented as the reader does; and the class count."""
     from pipeline.data.augment import augment_table
+    from pipeline.data.manifest import iter_records, load_manifest
     from pipeline.data.reader import label_map
-    from pipeline.data.shards import iter_records, load_manifest
 
     labels = label_map(load_manifest(shards))
     records = []

@@ -103,8 +103,8 @@ def ray_vs_plain(ckpt: Path, shards: Path, out: Path, reps: int) -> dict[str, An
     """Steady-state images/s of the plain loop and of Ray Data with 1 and 2 replicas."""
     import ray
 
+    from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import num_rows
-    from pipeline.data.shards import load_manifest
     from pipeline.predict.batch import predict_with_ray
     from pipeline.predict.cli import predict_locally
     from pipeline.predict.predictor import load_predictor

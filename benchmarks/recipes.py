@@ -41,8 +41,8 @@ DEFAULT_RECIPES = (
 def train_batches(shards: Path, job: Any, labels: dict[int, int]) -> Any:
     """Endless training batches: each epoch in a seeded file order, augmented and grouped."""
     from pipeline.data.augment import augment_table
+    from pipeline.data.manifest import iter_records, load_manifest
     from pipeline.data.reader import iter_train_batches, steps_per_epoch
-    from pipeline.data.shards import iter_records, load_manifest
 
     records = list(iter_records(shards))
     steps = steps_per_epoch(load_manifest(shards), job.solver.ims_per_batch)
@@ -76,8 +76,8 @@ def run_recipe(
     from pipeline.config import load_job_config
     from pipeline.data.augment import decode_eval_record
     from pipeline.data.collate import collate_eval
+    from pipeline.data.manifest import iter_records, load_manifest
     from pipeline.data.reader import inverse_label_map, label_map
-    from pipeline.data.shards import iter_records, load_manifest
     from pipeline.demo import CONFIG
     from pipeline.evaluate import coco_evaluate, coco_ground_truth, evaluate_model
     from pipeline.train.driver import use_worker_onednn_cache

@@ -45,7 +45,7 @@ def epoch_rows(shards: Path, job: Any, labels: dict[int, int], epochs: int) -> l
     import pyarrow as pa
 
     from pipeline.data.augment import augment_table
-    from pipeline.data.shards import iter_records
+    from pipeline.data.manifest import iter_records
 
     records = list(iter_records(shards))
     out = []
@@ -69,8 +69,8 @@ def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> dict[str, f
     """
     from grouping import Rows  # benchmarks/ is on sys.path when run as a script
 
+    from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import in_background, iter_train_batches, label_map, steps_per_epoch
-    from pipeline.data.shards import load_manifest
     from pipeline.train.driver import use_worker_onednn_cache
     from pipeline.train.loop import build_training, to_device, train_step
 

@@ -39,8 +39,8 @@ def render(checkpoint: Path, data: Path, images: int, out: Path) -> Path:
 
     from panet_model import build_panet
     from pipeline.cli import pick_checkpoint
+    from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import inverse_label_map
-    from pipeline.data.shards import load_manifest
     from pipeline.tracking.pictures import prediction_figure
     from pipeline.tracking.samples import predict, read_samples
     from pipeline.train.checkpoints import load_state, model_config

@@ -435,7 +435,7 @@ def test_the_readme_picture_renders_from_a_checkpoint(tmp_path: Path) -> None:
     from panet_model import build_panet
     from pipeline.config import load_job_config
     from pipeline.data.convert_coco import convert_coco
-    from pipeline.data.shards import load_manifest
+    from pipeline.data.manifest import load_manifest
     from pipeline.data.synth import write_synthetic
     from pipeline.demo import CONFIG
     from pipeline.tracking.pictures import prediction_figure_size
@@ -476,6 +476,6 @@ def test_the_readme_picture_renders_from_a_checkpoint(tmp_path: Path) -> None:
 
 
 def _rows(shards: Path) -> list[dict]:
-    from pipeline.data.shards import iter_records
+    from pipeline.data.manifest import iter_records
 
     return list(iter_records(shards))

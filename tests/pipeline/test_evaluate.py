@@ -145,7 +145,7 @@ def _gt_results(gt: COCO, image_ids: list[int] | None = None, **kw: Any) -> list
 
 
 def test_ground_truth_from_shards(shard_dir: Path, gt: COCO) -> None:
-    from pipeline.data.shards import iter_records, load_manifest
+    from pipeline.data.manifest import iter_records, load_manifest
 
     records = list(iter_records(shard_dir))
     manifest = load_manifest(shard_dir)
@@ -367,7 +367,7 @@ def test_format_metrics() -> None:
 def _decoded_batches(shard_dir: Path, batch_size: int) -> list[tuple[list[Tensor], list[dict]]]:
     from PIL import Image
 
-    from pipeline.data.shards import iter_records
+    from pipeline.data.manifest import iter_records
 
     samples = []
     for r in iter_records(shard_dir):

@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.data.convert_cityscapes import THING_CLASSES, convert_cityscapes, plan_cityscapes
-from pipeline.data.shards import DataError, iter_records
+from pipeline.data.manifest import DataError, iter_records
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "datumaro"

@@ -19,13 +19,9 @@ from pipeline.data.convert_coco import (
     rle_string_counts,
     segmentation_to_rle,
 )
+from pipeline.data.manifest import DataError, iter_records
+from pipeline.data.plan import BadRecordError, RecordProblem
 from pipeline.data.records import MANIFEST_NAME
-from pipeline.data.shards import (
-    BadRecordError,
-    DataError,
-    RecordProblem,
-    iter_records,
-)
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "datumaro"

@@ -12,7 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.data.convert_mvd import convert_mvd, id_map_rles, plan_mvd
-from pipeline.data.shards import BadRecordError, DataError, iter_records
+from pipeline.data.manifest import DataError, iter_records
+from pipeline.data.plan import BadRecordError
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "datumaro"

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.data import cli as data_cli
-from pipeline.data import shards
+from pipeline.data.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "datumaro"
@@ -39,10 +38,6 @@ def test_every_sub_command_has_help(argv, capsys):
         main([*argv, "--help"])
     assert exc.value.code == 0
     assert "usage: panet data" in capsys.readouterr().out
-
-
-def test_default_shard_size_matches_the_writer():
-    assert data_cli.DEFAULT_SHARD_SIZE == shards.DEFAULT_SHARD_SIZE
 
 
 def test_convert_inspect_verify(tmp_path, capsys):
@@ -76,8 +71,8 @@ def test_convert_mvd_and_cityscapes(tmp_path, capsys):
     argv = ["data", "convert", "cityscapes", "--root", str(city), "--split", "test"]
     assert main([*argv, "--out", str(tmp_path / "city"), "--shard-size", "1", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
-    assert shards.load_manifest(tmp_path / "mvd")["source"]["version"] == "v2.0"
-    assert len(shards.load_manifest(tmp_path / "city")["shards"]) == 2
+    assert load_manifest(tmp_path / "mvd")["source"]["version"] == "v2.0"
+    assert len(load_manifest(tmp_path / "city")["shards"]) == 2
 
 
 def _one_line_error(capsys) -> str:
@@ -151,7 +146,7 @@ def test_synth_then_convert(tmp_path, capsys, fmt):
     else:
         args = ["--root", str(src), "--split", "train"]
     assert main(["data", "convert", fmt, *args, "--out", out, "--workers", "1", "--quiet"]) == 0
-    manifest = shards.load_manifest(out)
+    manifest = load_manifest(out)
     assert manifest["totals"]["records"] == 3 and manifest["skipped"] == []
 
 

@@ -359,8 +359,8 @@ def run_ranks(fn, iterators) -> list:
 
 @pytest.mark.ray
 def test_train_split_gives_equal_steps_with_uneven_rows_and_corrupt_records(ray_local, tmp_path):
+    from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import ReaderDataConfig, build_train_dataset
-    from pipeline.data.shards import load_manifest
 
     # 11 rows in uneven shards, two of them corrupt.
     shards = [
@@ -563,8 +563,8 @@ def test_torch_trainer_gets_equal_train_steps_and_full_eval_coverage(ray_local, 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
-    from pipeline.data.shards import load_manifest
 
     shards = [[record(1), corrupt_image(2), record(3)], [record(i) for i in range(4, 12)]]
     shard_dir = str(write_shard_dir(tmp_path / "e2e", shards))

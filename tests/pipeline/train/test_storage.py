@@ -15,7 +15,7 @@ import pytest
 from pipeline import storage
 from pipeline.cli import main as panet
 from pipeline.config import load_job_config
-from pipeline.data.shards import load_manifest, shard_paths
+from pipeline.data.manifest import load_manifest, shard_paths
 from pipeline.data.synth import write_synthetic
 from pipeline.train.checkpoints import latest_state_file
 from tests.s3_server import s3_server
