@@ -36,13 +36,3 @@ def conv_norm_relu(
         layers.append(norm_layer)
     layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
-
-
-def linear_norm_relu(in_features: int, out_features: int, norm: str) -> nn.Sequential:
-    """Linear, optional norm over features, ReLU."""
-    layers: list[nn.Module] = [nn.Linear(in_features, out_features)]
-    norm_layer = make_norm(norm, out_features, dim=1)
-    if norm_layer is not None:
-        layers.append(norm_layer)
-    layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)

@@ -11,7 +11,6 @@ node cannot see fails before any worker starts, not at the first checkpoint.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import uuid
@@ -177,11 +176,6 @@ def local_dir(location: str | Path) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="panet-") as tmp:
         yield download_dir(str(location), tmp)
-
-
-def open_binary(location: str | Path) -> io.BytesIO:
-    """A file's bytes as a seekable buffer (for readers that need `seek`, e.g. torch.load)."""
-    return io.BytesIO(read_bytes(location))
 
 
 # ---------------------------------------------------------------------------------------------
