@@ -7,8 +7,11 @@ other key. Nothing here touches Ray: a bad config fails before the cluster is co
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -235,7 +238,7 @@ def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None)
     """Read a YAML job config, apply `--set` overrides, and validate everything.
 
     Args:
-        path: a YAML file, or None for the defaults.
+        path: a YAML file, a shipped config's name (`tiny_synth`), or None for the defaults.
         sets: dotted overrides, applied after the file.
 
     Raises:
@@ -243,9 +246,7 @@ def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None)
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file {str(p)!r} does not exist")
+        p = resolve_config(path)
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
@@ -265,6 +266,58 @@ def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None)
     job = apply_overrides(job, updates)
     job.validate()
     return with_absolute_paths(job)
+
+
+# The `jobs` package ships its configs/ and sweeps/ as package data, so a config or sweep is
+# reachable by name from any directory, also after a non-editable `pip install .`.
+SHIPPED_PACKAGE = "jobs"
+_extracted: contextlib.ExitStack | None = None  # shipped files copied out of a zipped install
+
+
+def shipped_names(kind: Literal["configs", "sweeps"]) -> list[str]:
+    """The names of the YAML files shipped in `jobs/<kind>/`, e.g. `["coco_panet_r50", ...]`."""
+    folder = resources.files(SHIPPED_PACKAGE) / kind
+    return sorted(e.name[: -len(".yaml")] for e in folder.iterdir() if e.name.endswith(".yaml"))
+
+
+def resolve_shipped(value: str | Path, kind: Literal["configs", "sweeps"]) -> Path:
+    """A YAML file given as a path, or by the name of one shipped in `jobs/<kind>/`.
+
+    An existing file wins; otherwise a bare name (`tiny_synth` or `tiny_synth.yaml`) means the
+    shipped file of that name.
+
+    Raises:
+        ValueError: neither a file nor a shipped name; the message lists the shipped names.
+    """
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    what = kind[:-1]
+    name = str(value).removesuffix(".yaml")
+    names = shipped_names(kind)
+    if name in names:
+        return _local_file(resources.files(SHIPPED_PACKAGE) / kind / f"{name}.yaml")
+    raise ValueError(
+        f"{what} file {str(value)!r} does not exist, and no {what} of that name is shipped "
+        f"(shipped {kind}, by name: {', '.join(names)})"
+    )
+
+
+def resolve_config(value: str | Path) -> Path:
+    """A job config file: a path, or a shipped config's name (`resolve_shipped`)."""
+    return resolve_shipped(value, "configs")
+
+
+def _local_file(resource: Any) -> Path:
+    """A real file for a package resource: itself when installed as files, else a temporary copy
+    (a zipped install) that lives until the process exits."""
+    if isinstance(resource, Path):
+        return resource
+    global _extracted
+    if _extracted is None:
+        _extracted = contextlib.ExitStack()
+        atexit.register(_extracted.close)
+    return _extracted.enter_context(resources.as_file(resource))
 
 
 def _split_worker_range(updates: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,7 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sweep", required=True, help="a sweep name (jobs/sweeps/) or a YAML file")
     p.add_argument(
-        "--config", help="the base job config (default: the sweep file's `config`, if any)"
+        "--config",
+        help="the base job config: a YAML file or a shipped config's name, e.g. tiny_synth "
+        "(default: the sweep file's `config`, if any)",
     )
     p.add_argument(
         "--set",
@@ -41,11 +41,25 @@ def load(args: argparse.Namespace) -> Any:
     from pipeline.tune.sweep import base_job, expand, load_sweep
 
     sweep = load_sweep(args.sweep, args.name)
-    config = args.config or (str(REPO / sweep.config) if sweep.config else None)
-    if config is None:
-        raise ValueError(f"sweep {sweep.name!r} names no base config: pass --config")
-    job, base = base_job(config, parse_set(args.set))
+    job, base = base_job(base_config(sweep, args.config), parse_set(args.set))
     return prepare(sweep, expand(sweep), job, base)
+
+
+def base_config(sweep: Any, config: str | None) -> Path:
+    """The sweep's base job config file: `--config`, else the sweep file's `config` (a file
+    beside the sweep file, a path, or a shipped config's name).
+
+    Raises:
+        ValueError: no config named, or no such file or shipped config.
+    """
+    from pipeline.config import resolve_config
+
+    if config:
+        return resolve_config(config)
+    if not sweep.config:
+        raise ValueError(f"sweep {sweep.name!r} names no base config: pass --config")
+    beside = Path(sweep.path).parent / sweep.config
+    return beside if beside.is_file() else resolve_config(sweep.config)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -21,9 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import JobConfig, load_job_config
+from pipeline.config import JobConfig, load_job_config, resolve_shipped
 
-SWEEPS_DIR = Path(__file__).resolve().parents[2] / "jobs" / "sweeps"
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
 METRICS = ("segm_AP", "bbox_AP", "train_loss")  # reported to Tune after each evaluation
 TOP_KEYS = {
@@ -61,7 +60,7 @@ class Sweep:
     name: str  # the sweep's name: its directory under <storage>/sweeps and its MLflow run
     path: str  # the file it was read from
     description: str = ""
-    config: str = ""  # default job config (relative to the repository), --config wins
+    config: str = ""  # default job config: a shipped config's name or a path; --config wins
     metric: str = "segm_AP"  # reported metric Tune compares trials by
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "fifo"
@@ -98,16 +97,7 @@ def _fail(where: str, message: str) -> ValueError:
 
 def find_sweep(name_or_path: str) -> Path:
     """A sweep file: a path, or the name of a shipped one in jobs/sweeps/."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        if not p.is_file():
-            raise ValueError(f"sweep file {str(p)!r} does not exist")
-        return p
-    shipped = SWEEPS_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = sorted(f.stem for f in SWEEPS_DIR.glob("*.yaml"))
-    raise ValueError(f"unknown sweep {name_or_path!r}: give a YAML file or one of {names}")
+    return resolve_shipped(name_or_path, "sweeps")
 
 
 def load_sweep(name_or_path: str, name: str | None = None) -> Sweep:

@@ -109,6 +109,30 @@ def test_bad_files(tmp_path: Path) -> None:
         parse_set(["novalue"])
 
 
+def test_shipped_configs_and_sweeps_by_name_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    from pipeline.config import resolve_config, resolve_shipped, shipped_names
+
+    monkeypatch.chdir(tmp_path)  # not the checkout: names resolve through the installed package
+    assert shipped_names("configs") == [p.stem for p in CONFIGS]
+    assert resolve_config("tiny_synth").samefile(CONFIG)
+    assert resolve_config("tiny_synth.yaml").samefile(CONFIG)
+    assert load_job_config("tiny_synth") == load_job_config(CONFIG)
+    assert resolve_shipped("table3", "sweeps").samefile(REPO / "jobs/sweeps/table3.yaml")
+    # A file of that name in the working directory wins over the shipped one.
+    (tmp_path / "tiny_synth").write_text("name: mine\ndata: {train: a, val: b}\n")
+    assert load_job_config("tiny_synth").name == "mine"
+    # Neither a file nor a shipped name: the error lists what is shipped.
+    with pytest.raises(
+        ValueError,
+        match=r"config file 'jobs/configs/tiny_synth.yaml' does not exist.*shipped configs, by name: cityscapes_panet_r50, .*tiny_synth",
+    ):
+        load_job_config("jobs/configs/tiny_synth.yaml")  # a checkout's path, here relative to tmp
+    with pytest.raises(
+        ValueError, match=r"sweep file 'table9' does not exist.*demo, hparams, table3"
+    ):
+        resolve_shipped("table9", "sweeps")
+
+
 def test_flat_has_model_keys() -> None:
     flat = JobConfig().flat()
     assert flat["model.afp.fusion"] == "max" and flat["solver.base_lr"] == 0.02
