@@ -4,6 +4,7 @@ each refused, and every image, secret, port and path two files share in agreemen
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shutil
@@ -17,11 +18,14 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.infra import kuberay_rules as rules
+
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
 RAY_SCHEMA = Path(__import__("ray").__file__).parent / "autoscaler" / "ray-schema.json"
-K8S_FILES = sorted((INFRA / "k8s").rglob("*.yaml"))
+K8S_FILES = sorted(p for p in (INFRA / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml")
+SITE = INFRA / "k8s" / "site"
 LAUNCHER = INFRA / "launcher" / "aws-gpu.yaml"
 COMPOSE = INFRA / "docker" / "compose.yaml"
 DOCKERFILES = [INFRA / "docker" / "Dockerfile", INFRA / "docker" / "mlflow.Dockerfile"]
@@ -138,6 +142,16 @@ def core_schemas() -> dict[str, dict]:
         "PersistentVolumeClaim": kind("v1", "PersistentVolumeClaim", pvc_spec),
         "Service": kind("v1", "Service", service_spec),
         "Deployment": kind("apps/v1", "Deployment", workload()),
+        "Job": kind(
+            "batch/v1",
+            "Job",
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["template"],
+                "properties": {"backoffLimit": {"type": "integer"}, "template": pod_template},
+            },
+        ),
         "StatefulSet": kind(
             "apps/v1",
             "StatefulSet",
@@ -168,6 +182,21 @@ def manifest_errors(doc: dict) -> list[str]:
 
 def docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+@functools.cache
+def _kustomize(path: Path) -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (it renders the kustomize overlay)")
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, f"kubectl kustomize {path}: {out.stderr}"
+    return out.stdout
+
+
+def kustomize(path: Path) -> list[dict]:
+    """The documents `kubectl kustomize` renders from the kustomization in `path`."""
+    return [d for d in yaml.safe_load_all(_kustomize(path)) if d is not None]
 
 
 def all_k8s() -> list[dict]:
@@ -391,10 +420,13 @@ def containers(doc: dict) -> list[dict]:
 
 
 def refs(doc: dict, kind: str) -> set[tuple[str, str]]:
-    """(namespace, name) of every Secret or ConfigMap a manifest's containers read."""
+    """(namespace, name) of every Secret or ConfigMap a manifest's containers read (and the
+    RayCluster's token Secret, which the operator makes them read)."""
     ns = doc["metadata"].get("namespace", "default")
     key = {"secret": ("secretRef", "secretKeyRef"), "configmap": ("configMapRef",)}[kind]
     out = set()
+    if kind == "secret" and doc["kind"] == "RayCluster" and rules.auth_secret(doc):
+        out.add((ns, rules.auth_secret(doc)[0]))
     for c in containers(doc):
         for source in c.get("envFrom", []):
             for k in key:
@@ -407,12 +439,64 @@ def refs(doc: dict, kind: str) -> set[tuple[str, str]]:
     return out
 
 
+GUIDE_SHELL = {"HOME", "PWD", "USER", "@"}  # set by the shell, not by the guide
+
+
+def guide_commands() -> list[str]:
+    """The shell commands of infra/README.md, in order: ```bash blocks, continuations joined."""
+    text = (INFRA / "README.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
+    return [c for b in blocks for c in b.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def expanded(line: str) -> str:
+    """`line` without the parts the shell does not expand: single-quoted text and comments."""
+    line = re.sub(r"'[^']*'", "''", line)
+    return re.sub(r"(^|\s)#.*", "", line)
+
+
+def guide_order_errors(commands: list[str]) -> list[str]:
+    """Walks the guide as a shell would: a variable used before it is set, a secret created
+    before its namespace, or a manifest applied before a Secret it reads exists."""
+    defined, namespaces, secrets, errors = set(GUIDE_SHELL), set(), set(), []
+    for line in commands:
+        code = expanded(line)
+        defined |= set(re.findall(r"(?:^|[\s;(&])(?:export |local )?([A-Za-z_]\w*)=", code))
+        defined |= set(re.findall(r"\bfor (\w+) in\b", code))
+        read = re.search(r"\bread -r ([\w ]+?) <", code)
+        if read:
+            defined |= set(read[1].split())
+        for name in re.findall(r"\$\{?([A-Za-z_]\w*|@)", code):
+            if name not in defined:
+                errors.append(f"${name} is used before the guide sets it: {line.strip()}")
+        m = re.search(r"kubectl -n (\S+) create secret generic (\S+)", code)
+        if m:
+            if m[1] not in namespaces:
+                errors.append(f"secret {m[2]} is created before namespace {m[1]} exists")
+            secrets.add((m[1], m[2]))
+        m = re.search(r"kubectl (?:-n \S+ )?apply (.*)", code)
+        if m:
+            applied = []
+            for flag, target in re.findall(r"-([fk]) (\S+)", m[1]):
+                path = REPO / target
+                applied += kustomize(path) if flag == "k" else docs(path)
+            for doc in applied:
+                if doc["kind"] == "Namespace":
+                    namespaces.add(doc["metadata"]["name"])
+                for secret in sorted(refs(doc, "secret") - secrets):
+                    errors.append(
+                        f"{doc['kind']} {doc['metadata']['name']} applied before {secret}"
+                    )
+    return errors
+
+
 def readme_secrets() -> dict[tuple[str, str], set[str]]:
     """`kubectl -n NS create secret generic NAME --from-...=KEY=...` in infra/README.md."""
-    text = (INFRA / "README.md").read_text().replace("\\\n", " ")
     out = {}
-    for m in re.finditer(r"kubectl -n (\S+) create secret generic (\S+)([^\n]*)", text):
-        out[(m.group(1), m.group(2))] = set(re.findall(r"--from-(?:literal|file)=(\w+)=", m[3]))
+    for line in guide_commands():
+        m = re.search(r"kubectl -n (\S+) create secret generic (\S+)(.*)", line)
+        if m:
+            out[(m[1], m[2])] = set(re.findall(r"--from-(?:literal|file)=(\w+)=", m[3]))
     return out
 
 
@@ -427,8 +511,11 @@ def test_secrets_are_created_by_the_guide_with_the_keys_manifests_read() -> None
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     assert ref["key"] in created[(ns, ref["name"])], ref
+    # The Ray token: the key KubeRay reads from the authOptions Secret.
+    (cluster,) = [d for d in all_k8s() if d["kind"] == "RayCluster"]
+    name, key = rules.auth_secret(cluster)
+    assert created[("panet", name)] == {key} == {"auth_token"}
     # envFrom secrets become env vars: their keys are the names the programs read.
-    assert created[("panet", "panet-ray-token")] == {"RAY_AUTH_TOKEN"}
     assert created[("panet", "panet-mlflow-client")] == {
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",
@@ -437,8 +524,29 @@ def test_secrets_are_created_by_the_guide_with_the_keys_manifests_read() -> None
         "MLFLOW_AUTH_ADMIN_PASSWORD",
         "MLFLOW_FLASK_SERVER_SECRET_KEY",
     }
+    # Training logs in as its own user, never with the admin login.
+    client = [line for line in guide_commands() if "MLFLOW_TRACKING_" in line]
+    assert client and not [line for line in client if "admin" in line.lower()], client
     # No Secret object is ever committed.
     assert not [d for d in all_k8s() if d["kind"] == "Secret"]
+
+
+def test_the_guide_sets_every_variable_and_secret_before_use() -> None:
+    commands = guide_commands()
+    assert guide_order_errors(commands) == []
+    apply_site = next(i for i, c in enumerate(commands) if "apply -k infra/k8s/site" in c)
+    first_secret = next(i for i, c in enumerate(commands) if "create secret" in c)
+    for bad, needle in (
+        # A manifest applied before its secrets: the workloads start without them.
+        ([*commands[:first_secret], commands[apply_site], *commands[first_secret:]], "before"),
+        # A secret before its namespace.
+        ([c for c in commands if "namespaces.yaml" not in c], "before namespace"),
+        # A variable nobody sets.
+        ([*commands, 'echo "$DATA_BUCKET_KEY_ID"'], "$DATA_BUCKET_KEY_ID is used before"),
+        ([c for c in commands if not c.startswith("MLFLOW_ADMIN_PASSWORD=")], "$MLFLOW_ADMIN"),
+    ):
+        errors = guide_order_errors(bad)
+        assert any(needle in e for e in errors), (needle, errors)
 
 
 def named(kind: str, name: str) -> dict:
@@ -483,14 +591,21 @@ def test_images_and_versions_agree() -> None:
         line.split("==") for line in (REPO / "constraints.txt").read_text().split() if "==" in line
     )
     found = images()
-    assert found["RayCluster"] == {IMAGE} and found["RayJob"] == {IMAGE}
+    assert found["RayCluster"] == found["Job"] == {IMAGE} and "RayJob" not in found
     assert found["Deployment"] == {MLFLOW_IMAGE}
     assert yaml.safe_load(LAUNCHER.read_text())["docker"]["image"] == IMAGE
     compose = yaml.safe_load(COMPOSE.read_text())
     assert compose["services"]["mlflow"]["image"] == MLFLOW_IMAGE
+    # The guide builds and pushes under the overlay's names (its $REGISTRY is the overlay's).
     readme = (INFRA / "README.md").read_text()
-    for image in (IMAGE, MLFLOW_IMAGE):
-        assert f"-t {image}" in readme and f"docker push {image}" in readme
+    site = yaml.safe_load((SITE / "kustomization.yaml").read_text())
+    registry = re.search(r"^export REGISTRY=(\S+)", readme, re.M)[1]
+    for entry in site["images"]:
+        assert entry["newName"].startswith(registry + "/"), entry
+        if "newTag" in entry:
+            assert entry["name"] + ":" + entry["newTag"] in (IMAGE, MLFLOW_IMAGE), entry
+            pushed = entry["newName"].replace(registry, "$REGISTRY") + ":" + entry["newTag"]
+            assert f'-t "{pushed}"' in readme and f'docker push "{pushed}"' in readme
     assert f"-t {IMAGE} ." in DOCKERFILES[0].read_text()
     assert f"-t {MLFLOW_IMAGE} " in DOCKERFILES[1].read_text()
     # Ray: the base image, the CRD's rayVersion and constraints.txt; MLflow likewise.
@@ -519,10 +634,11 @@ def test_mlflow_server_ports_hosts_and_login_agree() -> None:
     assert k8s["--port"] == local["--port"] == "5000" and "5000:5000" in compose["ports"][0]
     assert k8s["--app-name"] == local["--app-name"] == "basic-auth"  # a login for everything
     assert k8s["--workers"] == local["--workers"] == "4"
-    assert k8s["--artifacts-destination"] == local["--artifacts-destination"]
-    bucket = urlparse(k8s["--artifacts-destination"]).netloc
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert k8s["--artifacts-destination"] == "$MLFLOW_ARTIFACTS_DESTINATION"
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == local["--artifacts-destination"]
+    bucket = urlparse(local["--artifacts-destination"]).netloc
     assert f"store/{bucket}" in " ".join(compose_services()["buckets"]["command"])
-    assert bucket in (INFRA / "README.md").read_text()
     assert "EXPOSE 5000" in DOCKERFILES[1].read_text()
     # PostgreSQL: the service the server connects to, its port, its two databases.
     pg = named("Service", "mlflow-postgres")["spec"]["ports"][0]
@@ -535,7 +651,7 @@ def test_mlflow_server_ports_hosts_and_login_agree() -> None:
     assert (
         uri == f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc:5000"
     )
-    allowed = {e["name"]: e.get("value") for e in container["env"]}["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"]
     assert urlparse(uri).netloc in allowed.split(",")
     for config in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
         tracking = (yaml.safe_load(config.read_text()).get("tracking") or {}).get("uri")
@@ -562,8 +678,10 @@ def test_ray_ports_auth_and_paths_agree() -> None:
         if "ray start" in command:
             assert "RAY_AUTH_MODE=token" in command
     assert launcher["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert named("ConfigMap", "panet-env")["data"]["RAY_AUTH_MODE"] == "token"
-    assert "RAY_AUTH_MODE=token" in DOCKERFILES[0].read_text()
+    # On Kubernetes the token and mode come from authOptions only (tests/infra/test_kuberay.py):
+    # not from the ConfigMap, nor from the image, which a local `ray start` also runs.
+    assert cluster["spec"]["authOptions"]["mode"] == "token"
+    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(named("ConfigMap", "panet-env")["data"])
     readme = (INFRA / "README.md").read_text()
     assert f"service/{cluster['metadata']['name']}-head-svc 8265:8265" in readme
     # GPU group: GPUs requested, GPU taints tolerated, the autoscaler's range.
@@ -590,3 +708,98 @@ def test_ray_ports_auth_and_paths_agree() -> None:
         assert raw["model"]["backbone"]["weights"].startswith("/mnt/shared/")
         assert raw["data"]["train"].startswith("s3://") and raw["data"]["val"].startswith("s3://")
         assert raw["checkpoint"]["storage_path"].startswith("s3://")
+
+
+# ------------------------------------------------------------------------------------------
+# The site overlay, the bucket policy, the launcher's workers
+
+
+def test_site_overlay_renders_valid_manifests_with_the_site_values() -> None:
+    site = yaml.safe_load((SITE / "kustomization.yaml").read_text())
+    rendered = kustomize(SITE)
+    base = [d for d in all_k8s() if d["kind"] not in ("Namespace", "RayJob")]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in base
+    )
+    for doc in rendered:
+        assert manifest_errors(doc) == [], (doc["kind"], doc["metadata"]["name"])
+    (cluster,) = [d for d in rendered if d["kind"] == "RayCluster"]
+    assert rules.raycluster_errors(cluster) == []
+    # Every image from the site's registry, each project image at its pinned tag.
+    (registry,) = {e["newName"].rsplit("/", 1)[0] for e in site["images"]}
+    found = {c["image"] for d in rendered for c in containers(d) if "image" in c}
+    assert found and all(image.startswith(f"{registry}/") for image in found), found
+    assert {i.rsplit("/", 1)[1] for i in found} == {
+        IMAGE.rsplit("/", 1)[1],
+        MLFLOW_IMAGE.rsplit("/", 1)[1],
+        "postgres:16.6",
+    }
+    # The storage class and the MLflow bucket: the overlay's, not the base's placeholders.
+    patches = "\n".join(p["patch"] for p in site["patches"])
+    (claim,) = [d for d in rendered if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["storageClassName"] in patches
+    assert (
+        claim["spec"]["storageClassName"]
+        != named("PersistentVolumeClaim", "panet-shared")["spec"]["storageClassName"]
+    )
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (server,) = [d for d in rendered if d["kind"] == "Deployment"]
+    env = {
+        e["name"]: e.get("value")
+        for e in server["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] in patches
+    assert env["MLFLOW_SERVER_ALLOWED_HOSTS"]  # a strategic merge: the other variables stay
+
+
+def test_the_guides_bucket_policy_is_valid_and_scoped(tmp_path) -> None:
+    from moto.iam.policy_validation import IAMPolicyDocumentValidator
+
+    text = (INFRA / "README.md").read_text()
+    function = re.search(r"^bucket_policy\(\) \{.*?^\}$", text, re.M | re.S)[0]
+    out = subprocess.run(
+        ["bash", "-c", f'{function}\nbucket_policy "$@"', "bash", "data-b", "runs-b"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    IAMPolicyDocumentValidator(out.stdout).validate()  # AWS's grammar, as moto checks it
+    policy = json.loads(out.stdout)
+    resources = {r for s in policy["Statement"] for r in s["Resource"]}
+    assert resources == {f"arn:aws:s3:::{b}{s}" for b in ("data-b", "runs-b") for s in ("", "/*")}
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions
+    assert not [a for a in actions if "*" in a]
+
+
+def test_launcher_workers_have_a_bucket_profile_and_a_smaller_object_store() -> None:
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    types = launcher["available_node_types"]
+    for name, node in types.items():
+        if name != launcher["head_node_type"]:
+            assert node["node_config"]["IamInstanceProfile"] == {"Name": "panet-ray-worker"}
+    assert "panet-ray-worker" in (INFRA / "README.md").read_text()
+    # The GPU workers' container gets the size; the start command passes it to `ray start`.
+    (option,) = types["gpu"]["docker"]["worker_run_options"]
+    size = int(re.fullmatch(r"--env PANET_OBJECT_STORE_BYTES=(\d+)", option)[1])
+    shm = re.search(r"--shm-size=(\d+)g", " ".join(launcher["docker"]["run_options"]))[1]
+    assert size == 32 * 2**30 and size <= int(shm) * 2**30 // 2  # half of /dev/shm for NCCL
+    (start,) = [c for c in launcher["worker_start_ray_commands"] if "ray start" in c]
+    for env, expected in (({"PANET_OBJECT_STORE_BYTES": str(size)}, True), ({}, False)):
+        out = subprocess.run(
+            ["bash", "-c", "echo " + start.split("ray start", 1)[1]],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1", **env},
+        )
+        assert (f"--object-store-memory={size}" in out.stdout) is expected, out.stdout
+    # And the RayCluster's GPU group says the same.
+    (gpu,) = [
+        g
+        for g in named("RayCluster", "panet")["spec"]["workerGroupSpecs"]
+        if g["groupName"] == "gpu"
+    ]
+    assert int(gpu["rayStartParams"]["object-store-memory"]) == size
+    dshm = [v for v in gpu["template"]["spec"]["volumes"] if v["name"] == "dshm"][0]
+    assert size <= int(dshm["emptyDir"]["sizeLimit"].removesuffix("Gi")) * 2**30 // 2
