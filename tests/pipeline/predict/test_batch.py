@@ -69,3 +69,24 @@ def test_ray_data_replicas_give_the_detections_of_panet_predict(
     assert sum(len(r["scores"]) for r in table) == len(got)
     pictures = list((tmp_path / "ray" / "pictures").iterdir())
     assert len(pictures) == VAL_IMAGES + 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_replicas_each_reserve_a_gpu(untrained_checkpoint, val_shards, tmp_path, capsys):
+    import ray
+
+    gpus = torch.cuda.device_count()
+    args = ["predict", "--model", str(untrained_checkpoint), str(val_shards), "--ray"]
+    args += ["--device", "cuda", "--no-pictures", "--max-detections", "5"]
+    ray.init(num_cpus=4, num_gpus=gpus, include_dashboard=False)
+    try:
+        assert main([*args, "--out", str(tmp_path / "gpu"), "--replicas", str(gpus)]) == 0
+        assert f"{gpus} replicas x 1 GPU" in capsys.readouterr().out
+        # One replica more than the GPUs: refused, not left waiting for a GPU.
+        code = main([*args, "--out", str(tmp_path / "more"), "--replicas", str(gpus + 1)])
+        assert code == 2 and f"need {gpus + 1} GPUs" in capsys.readouterr().err
+    finally:
+        ray.shutdown()
+    images = json.loads((tmp_path / "gpu" / "images.json").read_text())
+    assert len(images["images"]) == VAL_IMAGES

@@ -148,3 +148,55 @@ def test_panet_eval_set_is_checked_before_ray(untrained_checkpoint, tmp_path, ca
     assert "test.flip" in capsys.readouterr().err
     assert main([*args, "--set", "solver.base_lr=1"]) == 2
     assert "only model.* keys apply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "plan"),
+    [
+        ("cuda", None, ("cuda", 1.0)),  # a GPU each unless told otherwise
+        ("cuda", 0.5, ("cuda", 0.5)),  # two replicas a GPU, asked for
+        ("auto", 1.0, ("cuda", 1.0)),
+        ("auto", None, ("cpu", 0.0)),
+        ("cpu", None, ("cpu", 0.0)),
+    ],
+)
+def test_ray_replicas_on_cuda_reserve_their_gpus(device, gpus, plan) -> None:
+    from pipeline.predict.batch import replica_device
+
+    assert replica_device(device, gpus) == plan
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "cuda", "--gpus-per-replica", "0"], "--gpus-per-replica 0"),
+        (["--device", "cuda:1"], "use --device cuda"),
+        (["--device", "cpu", "--gpus-per-replica", "1"], "--device cpu does not use"),
+        (["--device", "cuda", "--gpus-per-replica", "-1"], "must be >= 0"),
+    ],
+)
+def test_replica_gpu_requests_that_would_misplace_them_fail_before_loading(
+    tmp_path, capsys, flags, message
+) -> None:
+    img = tmp_path / "one.png"
+    Image.new("RGB", (40, 30)).save(img)
+    # A model that does not exist: the flags are refused before it would be loaded.
+    code, _, err = run_predict(
+        capsys, "--model", str(tmp_path / "no-model"), str(img), "--ray", *flags
+    )
+    assert code == 2 and message in err and "no-model" not in err
+
+
+def test_replica_gpus_are_checked_against_the_cluster_and_its_autoscaler() -> None:
+    from pipeline.predict.batch import check_replica_gpus
+
+    check_replica_gpus(2, 1.0, {"CPU": 8.0, "GPU": 2.0}, {})
+    check_replica_gpus(4, 0.5, {"CPU": 8.0, "GPU": 2.0}, {})
+    with pytest.raises(ValueError, match="need 3 GPUs, but the cluster has 2"):
+        check_replica_gpus(3, 1.0, {"CPU": 8.0, "GPU": 2.0}, {})
+    with pytest.raises(ValueError, match="need 2 GPUs, but the cluster has 1"):
+        check_replica_gpus(3, 0.5, {"CPU": 8.0, "GPU": 1.0}, {})
+    # A KubeRay cluster at zero GPU workers: the replicas wait for the GPU nodes.
+    check_replica_gpus(3, 1.0, {"CPU": 8.0}, {"CPU": 224.0, "GPU": 16.0})
+    with pytest.raises(ValueError, match="grows to at most 16"):
+        check_replica_gpus(17, 1.0, {"CPU": 8.0}, {"CPU": 224.0, "GPU": 16.0})
