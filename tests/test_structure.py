@@ -23,7 +23,6 @@ CHECKED = ("pipeline.data", "pipeline.tracking")
 LONG_MODULES: dict[str, str] = {
     "pipeline.data.synth": "623 lines: scenes, shapes and both layouts' writers; not split yet",
     "pipeline.data.reader": "582 lines: train and eval datasets and batches; not split yet",
-    "pipeline.data.writer": "512 lines: about the limit; shard tasks, resume, the process pool",
 }
 
 

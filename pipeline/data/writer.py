@@ -17,23 +17,16 @@ writes, resume, progress and the manifest.
 
 from __future__ import annotations
 
-import functools
-import io
 import json
 import math
 import multiprocessing as mp
 import os
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data.inspect import format_summary
@@ -42,186 +35,20 @@ from pipeline.data.manifest import DataError, build_manifest, sha256_file
 from pipeline.data.plan import (
     BadRecordError,
     ConversionPlan,
-    ItemResult,
     fingerprint,
-    skip_entry,
 )
 from pipeline.data.progress import Progress
-from pipeline.data.records import FORMAT_VERSION, MANIFEST_NAME, RECORD_SCHEMA
-
-ROW_GROUP_ROWS = 32  # rows buffered before a Parquet row group is written: bounds worker memory
+from pipeline.data.records import FORMAT_VERSION, MANIFEST_NAME
+from pipeline.data.shard_task import (
+    ShardTask,
+    atomic_write_json,
+    init_worker,
+    marker_path,
+    shard_name,
+    write_shard,
+)
 
 POLL_SECONDS = 0.5  # how often the parent wakes up to refresh the progress line
-
-
-def shard_name(index: int) -> str:
-    """File name of shard `index`: `shard-00007.parquet`."""
-    return f"shard-{index:05d}.parquet"
-
-
-def _marker_path(out: Path, index: int) -> Path:
-    return out / PROGRESS_DIR / f"shard-{index:05d}.json"
-
-
-@dataclass
-class _ShardTask:
-    """One unit of work for a worker: convert items of shard `index` and write the shard."""
-
-    out: str
-    index: int
-    items: list
-    convert_item: Callable[[Any, Any], ItemResult]
-    item_source: Callable[[Any, Any], str]
-    context: Any
-    strict: bool
-    run_id: str
-
-
-_ITEM_COUNTER: Any = None  # shared counter of items done, set in pool workers for progress
-
-
-def _init_worker(counter: Any) -> None:
-    global _ITEM_COUNTER
-    _ITEM_COUNTER = counter
-
-
-def _count_item() -> None:
-    if _ITEM_COUNTER is not None:
-        with _ITEM_COUNTER.get_lock():
-            _ITEM_COUNTER.value += 1
-
-
-@functools.cache
-def _column_compression() -> dict[str, str]:
-    # Images are already JPEG/PNG: compressing them again costs CPU for nothing. Everything else
-    # (RLE strings, boxes) compresses well. Leaf column paths come from an empty file's schema.
-    buf = io.BytesIO()
-    pq.write_table(RECORD_SCHEMA.empty_table(), buf)
-    schema = pq.ParquetFile(io.BytesIO(buf.getvalue())).schema
-    paths = [schema.column(i).path for i in range(len(schema))]
-    return {p: ("none" if p == "image" else "zstd") for p in paths}
-
-
-def _open_writer(path: Path) -> pq.ParquetWriter:
-    return pq.ParquetWriter(
-        path,
-        RECORD_SCHEMA,
-        compression=_column_compression(),
-        use_dictionary=False,
-        # Min/max statistics of the image column would copy whole images into the footer.
-        write_statistics=["image_id", "height", "width"],
-    )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync it, then rename it over `path`.
-
-    A reader sees either the old file, no file, or the complete new one: never half of it.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _convert_safely(task: _ShardTask, item: Any) -> ItemResult:
-    try:
-        return task.convert_item(item, task.context)
-    except Exception as e:
-        # An input nobody anticipated must not kill hours of work: report it like any bad record.
-        source = task.item_source(item, task.context)
-        return ItemResult(None, [skip_entry("image", source, "error", f"{type(e).__name__}: {e}")])
-
-
-def _write_shard(task: _ShardTask, on_item: Callable[[], None] | None = None) -> dict:
-    """Convert one shard's items, write the shard atomically, then its done marker.
-
-    Memory stays bounded: at most `ROW_GROUP_ROWS` converted records are held at a time.
-
-    Args:
-        task: the shard to write.
-        on_item: called after each item (in-process progress); pool workers use a shared counter.
-
-    Returns:
-        The done marker (also written to `_progress/shard-NNNNN.json`).
-    """
-    out = Path(task.out)
-    name = shard_name(task.index)
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    writer: pq.ParquetWriter | None = None
-    buffer: list[dict] = []
-    skipped: list[dict] = []
-    instances: Counter[int] = Counter()
-    crowd: Counter[int] = Counter()
-    rows = 0
-    hs: list[int] = []
-    ws: list[int] = []
-    sha = None
-    nbytes = 0
-    try:
-        for item in task.items:
-            result = _convert_safely(task, item)
-            if task.strict and result.skipped:
-                first = result.skipped[0]
-                raise BadRecordError(f"{first['source']}: {first['reason']} [{first['code']}]")
-            skipped.extend(result.skipped)
-            record = result.record
-            if record is not None:
-                rows += 1
-                hs.append(record["height"])
-                ws.append(record["width"])
-                for ann in record["annotations"]:
-                    (crowd if ann["iscrowd"] else instances)[ann["category_id"]] += 1
-                buffer.append(record)
-                if len(buffer) >= ROW_GROUP_ROWS:
-                    writer = writer or _open_writer(tmp)
-                    writer.write_table(pa.Table.from_pylist(buffer, schema=RECORD_SCHEMA))
-                    buffer = []
-            if on_item is not None:
-                on_item()
-            else:
-                _count_item()
-        if buffer:
-            writer = writer or _open_writer(tmp)
-            writer.write_table(pa.Table.from_pylist(buffer, schema=RECORD_SCHEMA))
-            buffer = []
-        if writer is not None:
-            writer.close()
-            writer = None
-            _fsync(tmp)
-            sha = sha256_file(tmp)
-            nbytes = tmp.stat().st_size
-            os.replace(tmp, out / name)  # the shard appears complete or not at all
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-    marker = {
-        "shard": task.index,
-        "run": task.run_id,
-        "path": name if rows else None,  # a shard whose images were all skipped has no file
-        "rows": rows,
-        "sha256": sha,
-        "bytes": nbytes,
-        "items": len(task.items),
-        "instances": {str(k): v for k, v in sorted(instances.items())},
-        "crowd": {str(k): v for k, v in sorted(crowd.items())},
-        "image_size": [min(hs), max(hs), min(ws), max(ws)] if rows else None,
-        "skipped": skipped,
-    }
-    atomic_write_json(_marker_path(out, task.index), marker)
-    return marker
 
 
 def _run_id(run: dict) -> str:
@@ -288,9 +115,15 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _reusable_markers(out: Path, n_shards: int, run_id: str) -> dict[int, dict]:
+    """{k: done marker} of the shards a resumed run keeps: complete and intact."""
+    markers = {k: _finished_marker(out, k, run_id) for k in range(n_shards)}
+    return {k: m for k, m in markers.items() if m is not None}
+
+
 def _finished_marker(out: Path, index: int, run_id: str) -> dict | None:
     """The done marker of shard `index` if the shard is complete and intact, else None."""
-    marker = _read_json(_marker_path(out, index))
+    marker = _read_json(marker_path(out, index))
     if not isinstance(marker, dict) or marker.get("run") != run_id:
         return None
     if marker.get("rows"):
@@ -345,19 +178,33 @@ def write_shards(
     if strict and plan.pre_skipped:
         first = plan.pre_skipped[0]
         raise BadRecordError(f"{first['source']}: {first['reason']} [{first['code']}]")
+    options = {
+        "shard_size": shard_size,
+        "workers": workers,
+        "strict": strict,
+        "resume": resume,
+        "progress": progress,
+        "stream": stream,
+        "on_shard_done": on_shard_done,
+    }
     if storage.is_uri(out):
-        return _write_to_object_storage(
-            plan,
-            str(out),
-            shard_size=shard_size,
-            workers=workers,
-            strict=strict,
-            resume=resume,
-            progress=progress,
-            stream=stream,
-            on_shard_done=on_shard_done,
-        )
-    out = Path(out)
+        return _write_to_object_storage(plan, str(out), **options)
+    return _write_local(plan, Path(out), **options)
+
+
+def _write_local(
+    plan: ConversionPlan,
+    out: Path,
+    *,
+    shard_size: int,
+    workers: int,
+    strict: bool,
+    resume: bool,
+    progress: bool,
+    stream: TextIO | None,
+    on_shard_done: Callable[[int], None] | None,
+) -> dict:
+    """`write_shards` into a local directory, its arguments checked."""
     n_items = len(plan.items)
     n_shards = math.ceil(n_items / shard_size)
     run = {
@@ -370,17 +217,11 @@ def write_shards(
     run_id = _run_id(run)
     _prepare_out(out, run, resume)
 
-    markers: dict[int, dict] = {}
-    if resume:
-        for k in range(n_shards):
-            marker = _finished_marker(out, k, run_id)
-            if marker is not None:
-                markers[k] = marker
+    markers = _reusable_markers(out, n_shards, run_id) if resume else {}
     todo = [k for k in range(n_shards) if k not in markers]
     for k in todo:  # a half-finished or stale shard k must not survive next to the new one
         (out / shard_name(k)).unlink(missing_ok=True)
-        _marker_path(out, k).unlink(missing_ok=True)
-
+        marker_path(out, k).unlink(missing_ok=True)
     reused = len(markers)
     prog = Progress(
         n_items,
@@ -390,8 +231,8 @@ def write_shards(
         enabled=progress,
     )
 
-    def task(k: int) -> _ShardTask:
-        return _ShardTask(
+    def task(k: int) -> ShardTask:
+        return ShardTask(
             out=str(out),
             index=k,
             items=list(plan.items[k * shard_size : (k + 1) * shard_size]),
@@ -454,7 +295,7 @@ def _write_to_object_storage(plan: ConversionPlan, out: str, **options: Any) -> 
 
 def _run_inline(
     todo: list[int],
-    task: Callable[[int], _ShardTask],
+    task: Callable[[int], ShardTask],
     markers: dict[int, dict],
     prog: Progress,
     on_shard_done: Callable[[int], None] | None,
@@ -467,14 +308,14 @@ def _run_inline(
         prog.update(done)
 
     for k in todo:
-        markers[k] = _write_shard(task(k), on_item)
+        markers[k] = write_shard(task(k), on_item)
         if on_shard_done is not None:
             on_shard_done(k)
 
 
 def _run_pool(
     todo: list[int],
-    task: Callable[[int], _ShardTask],
+    task: Callable[[int], ShardTask],
     markers: dict[int, dict],
     prog: Progress,
     on_shard_done: Callable[[int], None] | None,
@@ -487,7 +328,7 @@ def _run_pool(
     running: dict[Future, int] = {}
     n_workers = min(workers, len(todo))
     with ProcessPoolExecutor(
-        max_workers=n_workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)
+        max_workers=n_workers, mp_context=ctx, initializer=init_worker, initargs=(counter,)
     ) as pool:
         try:
             while True:
@@ -496,7 +337,7 @@ def _run_pool(
                     k = next(pending, None)
                     if k is None:
                         break
-                    running[pool.submit(_write_shard, task(k))] = k
+                    running[pool.submit(write_shard, task(k))] = k
                 if not running:
                     break
                 finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
