@@ -9,15 +9,17 @@ from functools import partial
 
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.rpn import AnchorGenerator, RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from panet_model.afp import AdaptiveRoIPool
+from panet_model.boxes import Float32AnchorGenerator, PANetRPN
 from panet_model.bpa import BottomUpPath
 from panet_model.config import PANetConfig
 from panet_model.dcn import make_deformable
+from panet_model.frozen_bn import FrozenBatchNorm2d
 from panet_model.heads import (
     AFPSpec,
     BoxHead2FC,
@@ -115,11 +117,11 @@ def freeze_stages(trunk: nn.Module, trainable_layers: int) -> None:
             parameter.requires_grad_(False)
 
 
-def build_rpn(cfg: PANetConfig, channels: int) -> RegionProposalNetwork:
+def build_rpn(cfg: PANetConfig, channels: int) -> PANetRPN:
     r = cfg.rpn
-    anchors = AnchorGenerator(r.anchor_sizes, (r.aspect_ratios,) * len(r.anchor_sizes))
+    anchors = Float32AnchorGenerator(r.anchor_sizes, (r.aspect_ratios,) * len(r.anchor_sizes))
     head = RPNHead(channels, anchors.num_anchors_per_location()[0])
-    return RegionProposalNetwork(
+    return PANetRPN(
         anchors,
         head,
         fg_iou_thresh=r.fg_iou_thresh,

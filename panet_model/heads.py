@@ -17,6 +17,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from panet_model.afp import LevelConv2d, LevelFusion, LevelLinear, level_norm_or_none
+from panet_model.boxes import Float32BoxCoder
 from panet_model.layers import conv_norm_relu
 from panet_model.norm import make_norm
 
@@ -359,6 +360,7 @@ class PANetRoIHeads(RoIHeads):
 
     def __init__(self, *args: Any, smooth_l1_beta: float = TORCHVISION_SMOOTH_L1_BETA, **kw: Any):
         super().__init__(*args, **kw)
+        self.box_coder = Float32BoxCoder(self.box_coder.weights)  # float32 boxes under AMP
         self.smooth_l1_beta = smooth_l1_beta
         self._sampled: tuple[list[Tensor], list[Tensor]] | None = None
 

@@ -400,7 +400,7 @@ def make_norm(kind: str, num_channels: int, dim: int = 2) -> nn.Module | None:
     Args:
         kind: "none" (None), "bn" (`nn.BatchNorm1d/2d/3d` by `dim`), "syncbn" (`SyncBatchNorm`,
             any dim), "gn" (`nn.GroupNorm` with `gn_num_groups(num_channels)` groups) or
-            "frozen_bn" (`torchvision.ops.FrozenBatchNorm2d`, dim 2 only).
+            "frozen_bn" (`panet_model.frozen_bn.FrozenBatchNorm2d`, dim 2 only).
         num_channels: C.
         dim: spatial dims of the input: 1 for (N, C) or (N, C, L), 2 for (N, C, H, W),
             3 for (N, C, D, H, W).
@@ -428,6 +428,6 @@ def make_norm(kind: str, num_channels: int, dim: int = 2) -> nn.Module | None:
         raise ValueError(f"make_norm: 'frozen_bn' needs dim=2 (N, C, H, W), got dim={dim}")
     # Imported here: torchvision's import costs about a second, which every process that
     # only needs SyncBatchNorm (e.g. spawned workers) would otherwise pay.
-    from torchvision.ops import FrozenBatchNorm2d
+    from panet_model.frozen_bn import FrozenBatchNorm2d
 
     return FrozenBatchNorm2d(num_channels)

@@ -118,11 +118,13 @@ def _run_steps(bn: nn.Module, case: Case, rows: slice, device: str = "cpu") -> d
 def _sync_worker(rank: int, port: int, out_dir: str, device: str = "cpu") -> None:
     """Spawned process: run every case with SyncBatchNorm on this rank's slice, save results.
 
-    On "cuda" the ranks use NCCL with a GPU each where there are two, else gloo on one GPU.
+    On "cuda" the ranks use NCCL with a GPU each where there are two, else gloo with both ranks
+    on cuda:0 (NCCL refuses two ranks on one GPU; gloo all-reduces CUDA tensors through the host).
     """
     torch.set_num_threads(1)  # two processes on a 2-core box
     backend = "gloo"
     if device == "cuda":
+        device = "cuda:0"  # set_device needs an index: a bare "cuda" raises ValueError
         if torch.cuda.device_count() >= WORLD_SIZE:
             backend, device = "nccl", f"cuda:{rank}"
         torch.cuda.set_device(torch.device(device))
@@ -482,10 +484,10 @@ def test_convert_replaces_a_root_batchnorm() -> None:
 def test_make_norm(
     kind: str, channels: int, dim: int, expected_type: type[nn.Module] | str
 ) -> None:
-    from torchvision import ops
+    from panet_model import frozen_bn
 
     if isinstance(expected_type, str):
-        expected_type = getattr(ops, expected_type)
+        expected_type = getattr(frozen_bn, expected_type)
     norm = make_norm(kind, channels, dim=dim)
     assert type(norm) is expected_type
     x = torch.randn(2, channels, *(3,) * dim) if dim == 2 else torch.randn(2, channels)
@@ -511,3 +513,42 @@ def test_make_norm_rejects_unknown_kind() -> None:
 def test_make_norm_rejects_frozen_bn_for_fc() -> None:
     with pytest.raises(ValueError, match="frozen_bn"):
         make_norm("frozen_bn", 16, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_bn_keeps_the_amp_dtype(dtype: torch.dtype) -> None:
+    """float32 input: torchvision's FrozenBatchNorm2d bit for bit; half input stays half."""
+    from torchvision import ops
+
+    from panet_model.frozen_bn import FrozenBatchNorm2d
+
+    theirs = ops.FrozenBatchNorm2d(8)
+    g = torch.Generator().manual_seed(0)
+    for buf in (theirs.weight, theirs.bias, theirs.running_mean):
+        buf.copy_(torch.randn(8, generator=g))
+    theirs.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+    ours = FrozenBatchNorm2d(8)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 8, 5, 5, generator=g)
+    assert torch.equal(ours(x), theirs(x))
+    low = x.to(dtype)
+    assert theirs(low).dtype == torch.float32  # what the trunk's activations became under AMP
+    assert ours(low).dtype == dtype
+    torch.testing.assert_close(ours(low).float(), theirs(low), rtol=2e-2, atol=2e-2)
+
+
+def test_frozen_bn_trunk_stays_bfloat16_under_autocast() -> None:
+    """Under bf16 AMP every frozen norm of the trunk hands the next layer bfloat16."""
+    from panet_model import PANetConfig
+    from panet_model.build import build_backbone
+    from panet_model.frozen_bn import FrozenBatchNorm2d
+
+    cfg = PANetConfig.preset("tiny").override({"backbone.norm": "frozen_bn"})
+    trunk = build_backbone(cfg).body
+    dtypes = []
+    for m in trunk.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trunk(torch.rand(1, 3, 64, 64))
+    assert len(dtypes) > 10 and set(dtypes) == {torch.bfloat16}
