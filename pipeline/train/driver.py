@@ -247,7 +247,7 @@ def check_resources(
             checked against this machine's cores and GPUs (the instance gets extra logical
             CPUs for the data tasks, `connect_ray`, or exactly `ray.num_cpus` if set).
         autoscaler_max: the most an autoscaling cluster can hold ({} for a fixed cluster);
-            None: asked from the connected cluster.
+            None: `autoscaler_max_resources()`.
     """
     sc = job.scaling
     if not job.ray.check_resources:
