@@ -27,6 +27,8 @@ SECRET_KEY = re.compile(
     r"""(?ix)^[\s\-]*["']?([A-Z0-9_.-]*(?:password|passwd|secret|token|api_key|access_key|
     secret_key)[A-Z0-9_.-]*)["']?\s*[:=]\s*["']?([^\s"'#]*)"""
 )
+# Kubernetes fields whose value names a Secret object: a reference, not a secret.
+REFERENCE_KEYS = {"secretName"}
 CONFIG_SUFFIXES = {".yaml", ".yml", ".ini", ".env", ".toml", ".json", ".cfg", ".conf", ".example"}
 
 
@@ -46,7 +48,7 @@ def secrets_in(path: Path, text: str) -> list[str]:
             if pattern.search(line):
                 found.append(f"{path}:{n}: {what}")
         m = SECRET_KEY.match(line) if config else None
-        if m and literal_secret(m.group(2)):
+        if m and m.group(1) not in REFERENCE_KEYS and literal_secret(m.group(2)):
             found.append(f"{path}:{n}: a literal value for {m.group(1)}")
     return found
 
