@@ -41,6 +41,8 @@ imports) and killed when idle, every pass (docs/design.md, "Epoch restarts").
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -469,9 +471,6 @@ def in_background(
     Yields:
         The batches of `batches`.
     """
-    import queue
-    import threading
-
     if depth < 1:
         raise ValueError(f"need depth >= 1, got {depth}")
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -563,6 +562,7 @@ def iter_eval_batches(
         (images, targets): float32 (3, H, W) images at original size in [0, 1] and targets
         {"image_id": () int64, "orig_size": (2,) int64 [H, W]}.
     """
+    # Imported here, as in `iter_train_batches`: Ray Data workers need no torch.
     from pipeline.data.collate import collate_eval
 
     if batch_size < 1:

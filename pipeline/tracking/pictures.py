@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import PercentFormatter
 
 DPI = 100
 PANEL_WIDTH = 640  # px of one image panel
@@ -77,8 +81,6 @@ def _draw_instances(
     empty_text: str,
 ) -> None:
     """Image, then translucent masks with outlines, boxes and "name score" labels."""
-    from matplotlib.patches import Rectangle
-
     h, w = image.shape[:2]
     # Pixel (r, c) covers [c, c + 1] x [r, r + 1], the convention of x1y1x2y2 boxes, so boxes
     # and mask outlines line up on the same pixel edges.
@@ -144,8 +146,6 @@ def _draw_instances(
 
 
 def _save(fig: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -184,8 +184,6 @@ def prediction_figure(
     Returns:
         `path`.
     """
-    from matplotlib.figure import Figure
-
     if not len(images) == len(predictions) == len(ground_truth):
         raise ValueError(
             f"need one prediction and one ground truth per image, got {len(images)} images, "
@@ -255,8 +253,6 @@ def detection_figure(
     Returns:
         `path`.
     """
-    from matplotlib.figure import Figure
-
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
@@ -299,9 +295,6 @@ def level_share_figure(
     Returns:
         `path`.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import PercentFormatter
-
     order = [k for k in ("box", "mask") if k in shares] + sorted(
         k for k in shares if k not in ("box", "mask")
     )
@@ -375,8 +368,6 @@ def loss_curve_figure(
     Returns:
         `path`.
     """
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(8, 4.5), dpi=DPI, facecolor="white")
     ax = fig.subplots()
     for name, points in sorted(history.items()):

@@ -17,6 +17,7 @@ from torch import nn
 from panet_model.diagnostics import level_share
 from pipeline import tracking
 from pipeline.data.manifest import iter_records
+from pipeline.tracking.pictures import level_share_figure, prediction_figure
 
 
 def read_samples(shard_dir: str, count: int, label_of: dict[int, int]) -> list[dict[str, Any]]:
@@ -73,8 +74,6 @@ def log_prediction_pictures(
     model: nn.Module, ctx: dict[str, Any], step: int, device: torch.device
 ) -> None:
     """Draw and log the prediction picture and, under AFP max fusion, the level-share chart."""
-    from pipeline.tracking.pictures import level_share_figure, prediction_figure
-
     job = ctx["job"]
     if job.eval.pictures <= 0:
         return
