@@ -26,7 +26,7 @@ DRIVER_RECORDS = (
 WORKER_RECORDS = (("mlflow.pytorch", "Saving pytorch model by Pickle"),)
 # Ending a run on a tracking server, MLflow prints "View run ... at" and "View experiment at
 # <server>/#/experiments/<id>", which opens MLflow 3.17's GenAI overview (no traces here); the
-# driver prints the run's page and the runs table itself (`pipeline.tracking.runs`).
+# driver prints the run's page and the runs table itself (`pipeline.tracking`).
 SUPPRESS_MLFLOW_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 # Ray Train V2 names this logger by its file path; it logs every report of every rank at INFO.
 TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
