@@ -1,9 +1,12 @@
 """`panet submit`: run a `jobs.<name>` entrypoint on a Ray cluster through its job server.
 
-The job's config is checked here first (the same `preflight` as `panet train`), so a bad config
-or missing data fails before anything is uploaded. The runtime env ships the project directory
-(minus what `.rayignore` leaves out: data, shards, runs, `.venv`, caches) and either the
-dependencies pinned by `constraints.txt` or a container image. Authentication is Ray's own:
+The cluster's address is resolved first, then the job's config is checked here (the same
+`preflight` as `panet train`), so no cluster named, a bad config, a path only this machine has,
+a tracking store only one node could open, or missing data fails before anything is uploaded.
+The runtime env ships the project directory (minus what `.rayignore` leaves out: data, shards,
+runs, `.venv`, caches), a config from outside it, and the dependencies pinned by
+`constraints.txt` (or nothing, with `--no-pip`, on an image that holds them). Authentication is
+Ray's own:
 with `RAY_AUTH_MODE=token`, `JobSubmissionClient` sends the token from `RAY_AUTH_TOKEN`,
 the file named by `RAY_AUTH_TOKEN_PATH`, or `~/.ray/auth_token`, as `ray job submit` does.
 """
@@ -12,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import os
 import re
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import yaml
 
@@ -36,6 +43,8 @@ SHARED_KEYS = ("data.train", "data.val", "checkpoint.storage_path")
 RUN_LINE = re.compile(r"MLflow run ([0-9a-f]{32})")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Where a config from outside the working dir is put for the upload (removed once uploaded).
+STAGED_DIR = ".panet-submit"
 # Installed on the cluster by `ray` itself: never reinstalled by a job's runtime env.
 NOT_PIPPED = ("ray",)
 
@@ -81,19 +90,21 @@ def _options() -> argparse.ArgumentParser:
         help="the cluster's dashboard, e.g. http://127.0.0.1:8265 "
         "(default: RAY_API_SERVER_ADDRESS, then RAY_ADDRESS)",
     )
-    p.add_argument("--config", help="train/tune: the job config, inside the working dir")
+    p.add_argument(
+        "--config",
+        help="train/tune: the job config, a file (uploaded with the job) or a shipped config's "
+        "name, e.g. coco_panet_r50",
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="train/tune: override"
     )
-    env = p.add_mutually_exclusive_group()
-    env.add_argument("--image", help="run in this container image instead of pip installs")
-    env.add_argument(
+    p.add_argument(
         "--no-pip",
         action="store_true",
         help="install nothing: the cluster's image already holds the pinned versions",
     )
     p.add_argument(
-        "--working-dir", default=str(PROJECT_ROOT), help="directory uploaded (default: project)"
+        "--working-dir", help="directory uploaded (default: the project checkout panet runs from)"
     )
     p.add_argument(
         "--tracking-uri",
@@ -154,7 +165,10 @@ def resolve_address(address: str | None) -> str:
         address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or ""
     )
     if not address:
-        raise SubmitError("no cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+        raise SubmitError(
+            "no cluster: pass --address http://HEAD:8265 or set RAY_ADDRESS (a local cluster: "
+            "`ray start --head`, then --address http://127.0.0.1:8265)"
+        )
     if "://" not in address:
         address = f"http://{address}"
     if not address.startswith(("http://", "https://")):
@@ -169,11 +183,16 @@ def connect(address: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as err:  # connection refused, 401, wrong port: one line, not a traceback
-        hint = ""
         if "auth" in str(err).lower():
             hint = (
                 " (token authentication: export RAY_AUTH_MODE=token and put the cluster's token "
                 "in ~/.ray/auth_token, the file named by RAY_AUTH_TOKEN_PATH, or RAY_AUTH_TOKEN)"
+            )
+        else:
+            hint = (
+                "; is a Ray head running there? Start one with `ray start --head` (its job "
+                "server listens on :8265), or forward a remote head's port, e.g. `kubectl -n "
+                "panet port-forward service/panet-head-svc 8265:8265` (infra/README.md)"
             )
         raise SubmitError(
             f"cannot reach the job server at {address}: {_first_line(err)}{hint}"
@@ -220,126 +239,189 @@ def _dist_name(requirement: str) -> str:
     return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].strip().lower()
 
 
+def working_dir(args: argparse.Namespace) -> Path:
+    """The directory uploaded: --working-dir, else the checkout this `panet` runs from."""
+    if args.working_dir:
+        path = Path(args.working_dir).resolve()
+        if not path.is_dir():
+            raise SubmitError(f"--working-dir {str(path)!r} is not a directory")
+        return path
+    if not (PROJECT_ROOT / "pyproject.toml").is_file():  # an installed copy: site-packages
+        raise SubmitError(
+            "panet is installed, not run from a checkout: pass --working-dir (the directory to "
+            "upload, e.g. your configs) and --no-pip if the cluster's image holds the project"
+        )
+    return PROJECT_ROOT
+
+
 def runtime_env(args: argparse.Namespace) -> dict[str, Any]:
-    """The job's runtime env: the working dir, then pinned pip packages or an image."""
+    """The job's runtime env: the working dir and, unless --no-pip, the pinned pip packages."""
     env: dict[str, Any] = {
-        "working_dir": str(Path(args.working_dir).resolve()),
+        "working_dir": str(working_dir(args)),
         "env_vars": {"PYTHONUNBUFFERED": "1"},  # log lines reach the stream as they are printed
     }
-    if args.image:
-        env["image_uri"] = args.image
-    elif not args.no_pip:
+    if not args.no_pip:
         env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
     return env
 
 
-def check_job(args: argparse.Namespace) -> tuple[list[str], str]:
-    """Validate the job here, as `panet <command>` would on the cluster.
+class CheckedJob(NamedTuple):
+    """A job checked here and ready to submit."""
 
-    Returns:
-        (the entrypoint's arguments, the config's tracking URI or "")
+    args: list[str]  # the entrypoint's arguments
+    tracking_uri: str  # the config's tracking URI, for the run link ("" if none)
+    staged: dict[str, Path]  # uploaded copies: path in the working dir -> the file outside it
+
+
+def check_job(args: argparse.Namespace) -> CheckedJob:
+    """Validate the job here, as `panet <command>` would on the cluster.
 
     Raises:
         SubmitError: naming the file, key or argument that is wrong.
     """
     from pipeline.cli import build_parser
 
-    working_dir = Path(args.working_dir).resolve()
-    if not working_dir.is_dir():
-        raise SubmitError(f"--working-dir {str(working_dir)!r} is not a directory")
+    wd = working_dir(args)
     job_args = list(args.job_args)
-    tracking_uri = ""
+    staged: dict[str, Path] = {}
     if args.job in CONFIG_JOBS:
-        job_args = _config_args(args, working_dir) + job_args
+        job_args = _config_args(args, wd, staged) + job_args
     elif args.config or args.set:
         raise SubmitError(f"--config/--set are for train and tune; pass {args.job}'s after --")
     argv = [*JOBS[args.job], *job_args]
     try:
-        build_parser().parse_args(argv)
+        parsed = build_parser().parse_args(argv)
     except SystemExit as err:  # argparse printed the reason
         raise SubmitError(f"`panet {' '.join(argv)}` is not a valid {args.job} job") from err
-    if args.job == "train":
-        tracking_uri = _check_train(args)
-    elif args.job == "tune" and "--dry-run" not in job_args:
-        _check_tune(job_args)
-    return job_args, tracking_uri
+    tracking_uri = ""
+    try:
+        if args.job == "train":
+            tracking_uri = _check_train(args, parsed)
+        elif args.job == "tune":
+            tracking_uri = _check_tune(parsed)
+    except (ValueError, FileNotFoundError) as err:
+        raise SubmitError(str(err)) from err
+    return CheckedJob(job_args, tracking_uri, staged)
 
 
-def _check_tune(job_args: list[str]) -> None:
-    from pipeline.cli import main
+def _config_args(args: argparse.Namespace, wd: Path, staged: dict[str, Path]) -> list[str]:
+    """--config and --set for the entrypoint; a config outside the working dir is staged."""
+    from pipeline.config import resolve_config
 
-    print("[submit] checking the sweep: panet tune --dry-run", flush=True)
-    if main(["tune", *job_args, "--dry-run"]) != 0:
-        raise SubmitError("panet tune --dry-run refused the sweep (see above)")
-
-
-def _config_args(args: argparse.Namespace, working_dir: Path) -> list[str]:
     out = []
     if args.config:
-        config = Path(args.config).resolve()
-        if not config.is_file():
-            raise SubmitError(f"config file {args.config!r} does not exist")
         try:
-            rel = config.relative_to(working_dir)
+            config = resolve_config(args.config).resolve()
         except ValueError as err:
-            raise SubmitError(
-                f"config file {args.config!r} is outside the working dir {str(working_dir)!r}, "
-                "so the job would not find it"
-            ) from err
-        out += ["--config", rel.as_posix()]
+            raise SubmitError(str(err)) from err
+        try:
+            rel = config.relative_to(wd).as_posix()
+        except ValueError:
+            # Uploaded beside the project under a name of its content, so two jobs submitted
+            # at once from the same directory never swap configs.
+            digest = hashlib.sha256(config.read_bytes()).hexdigest()[:12]
+            rel = f"{STAGED_DIR}/{config.stem}-{digest}.yaml"
+            staged[rel] = config
+        out += ["--config", rel]
     for item in args.set:
         out += ["--set", item]
     return out
 
 
-def _check_train(args: argparse.Namespace) -> str:
+def _check_tune(parsed: argparse.Namespace) -> str:
+    """The sweep expanded as `panet tune --dry-run` would, and its base config checked for a
+    cluster (unless the job is a dry run)."""
+    from pipeline.tune.cli import base_config, load
+    from pipeline.tune.sweep import describe
+
+    prepared = load(parsed)
+    print(f"[submit] the sweep:\n{describe(prepared.sweep, prepared.trials)}", flush=True)
+    if not parsed.dry_run:
+        _check_cluster_config(base_config(prepared.sweep, parsed.config), parsed.set)
+    return prepared.base_job.tracking.uri
+
+
+def _check_cluster_config(config: Path | None, sets: list[str]) -> None:
+    """Every key a cluster job cannot use, in one message: local or relative paths where
+    shared storage is needed, and a tracking store that only one node could open.
+
+    Raises:
+        ValueError: listing each such key.
+    """
     from panet_model.config import flatten
-    from pipeline.config import load_job_config, parse_set
+    from pipeline.config import parse_set
 
-    try:
-        sets = parse_set(args.set)
-        job = load_job_config(args.config, sets)
-        raw = flatten(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
-        raw.update(sets)
-        for key in SHARED_KEYS:
-            value = str(raw.get(key, "") or "")
-            if not value or ("://" not in value and not os.path.isabs(value)):
-                raise ValueError(
-                    f"config key {key!r} is {value or 'unset'!r}: a job needs an absolute path on "
-                    "shared storage or a URI (s3://, gs://), not a path inside the working dir"
-                )
-        if not args.no_data_check:
-            from pipeline.train.driver import preflight
+    raw = flatten(yaml.safe_load(config.read_text()) or {}) if config else {}
+    raw.update(parse_set(sets))
+    problems = []
+    for key in SHARED_KEYS:
+        value = str(raw.get(key, "") or "")
+        if not value or ("://" not in value and not os.path.isabs(value)):
+            problems.append(f"{key!r} is {value or 'unset'!r}")
+    shared = (
+        "an absolute path on shared storage or a URI (s3://, gs://), not a path inside the "
+        "working dir"
+    )
+    message = f"config keys {', '.join(problems)}: a job needs {shared}" if problems else ""
+    uri = str(raw.get("tracking.uri", "") or "").strip()
+    if _local_store(uri):
+        store = f"{uri!r}" if uri else "unset (a SQLite file under checkpoint.storage_path)"
+        message += "; " if message else ""
+        message += (
+            f"config key 'tracking.uri' is {store}: MLflow files only the job's own node could "
+            "open; name an MLflow server every node reaches, e.g. --set "
+            "tracking.uri=http://mlflow:5000 (this shell's MLFLOW_TRACKING_URI is not sent "
+            "with the job)"
+        )
+    if message:
+        raise ValueError(message)
 
-            try:
-                plan = preflight(job)
-            except ValueError as err:
-                raise ValueError(
-                    f"{err} (from here; if the data exists only on the cluster, "
-                    "pass --no-data-check)"
-                ) from err
-            print(
-                f"[submit] config and data OK: {plan.train_rows} training images, "
-                f"{plan.steps_per_epoch} steps/epoch",
-                flush=True,
-            )
-    except (ValueError, FileNotFoundError) as err:
-        raise SubmitError(str(err)) from err
+
+def _local_store(uri: str) -> bool:
+    """True for an MLflow store in local files: none named (SQLite), sqlite:, file: or a path."""
+    return not uri or uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def _check_train(args: argparse.Namespace, parsed: argparse.Namespace) -> str:
+    from pipeline.config import load_job_config, parse_set, resolve_config
+
+    config = resolve_config(args.config) if args.config else None
+    job = load_job_config(config, parse_set(args.set))
+    if not parsed.dry_run:  # a dry run on the cluster writes nothing
+        _check_cluster_config(config, args.set)
+    if not args.no_data_check:
+        from pipeline.train.driver import preflight
+
+        try:
+            plan = preflight(job)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (from here; if the data exists only on the cluster, pass --no-data-check)"
+            ) from err
+        print(
+            f"[submit] config and data OK: {plan.train_rows} training images, "
+            f"{plan.steps_per_epoch} steps/epoch",
+            flush=True,
+        )
     return job.tracking.uri
 
 
 def submit(args: argparse.Namespace) -> int:
     """Check, submit, then stream the logs until the job ends (unless --no-wait)."""
-    job_args, config_uri = check_job(args)
-    client = connect(resolve_address(args.address))
-    entrypoint = " ".join(["python", "-m", f"jobs.{args.job}", *map(_quote, job_args)])
+    address = resolve_address(args.address)  # no cluster named: said before any slow check
+    job = check_job(args)
+    client = connect(address)
+    entrypoint = " ".join(["python", "-m", f"jobs.{args.job}", *map(_quote, job.args)])
     try:
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env(args),
-            submission_id=args.submission_id,
-            metadata={"panet_job": args.job},
-        )
+        with staged_files(working_dir(args), job.staged):
+            job_id = client.submit_job(  # uploads the working dir before it returns
+                entrypoint=entrypoint,
+                runtime_env=runtime_env(args),
+                submission_id=args.submission_id,
+                metadata={"panet_job": args.job},
+            )
+    except OSError as err:
+        raise SubmitError(f"cannot stage the config in the working dir: {err}") from err
     except Exception as err:
         raise SubmitError(f"the job server refused the job: {_first_line(err)}") from err
     link = dashboard_link(client, job_id)
@@ -349,7 +431,26 @@ def submit(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(f"[submit] follow it with: panet submit --logs {job_id}", flush=True)
         return 0
-    return stream(client, job_id, link, args.tracking_uri or config_uri)
+    return stream(client, job_id, link, args.tracking_uri or job.tracking_uri)
+
+
+@contextlib.contextmanager
+def staged_files(wd: Path, staged: dict[str, Path]) -> Iterator[None]:
+    """Copy each staged file into the working dir for the upload, and remove the copies after."""
+    made = []
+    try:
+        for rel, source in staged.items():
+            target = wd / rel
+            target.parent.mkdir(exist_ok=True)
+            shutil.copyfile(source, target)
+            made.append(target)
+        yield
+    finally:
+        for target in made:
+            target.unlink(missing_ok=True)
+        for parent in {t.parent for t in made}:
+            with contextlib.suppress(OSError):  # not empty: another submit is staging too
+                parent.rmdir()
 
 
 def _quote(arg: str) -> str:

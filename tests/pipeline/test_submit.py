@@ -1,6 +1,7 @@
 """`panet submit`: argument handling, the runtime env, checks before submitting, and a tiny job
-on a real token-authenticated local Ray cluster (logs streamed, links, --stop, --logs, --list,
-what the uploaded working dir holds)."""
+on a real token-authenticated local Ray cluster logging to a real MLflow server (logs streamed,
+links, a config from outside the working dir, --stop, --logs, --list, what the uploaded working
+dir holds)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ from pipeline.submit import (
     JOBS,
     SubmitError,
     check_job,
+    cmd_submit,
+    connect,
     pinned_requirements,
     resolve_address,
     runtime_env,
     split_job,
+    staged_files,
 )
+from tests.mlflow_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "jobs/configs/tiny_synth.yaml"
@@ -58,6 +63,8 @@ def test_options_before_and_after_the_job_and_job_args_after_dashes() -> None:
         parse("fit")
     with pytest.raises(SubmitError, match="unrecognized arguments: --bogus"):
         parse("train", "--bogus")
+    with pytest.raises(SubmitError, match="unrecognized arguments: --image"):
+        parse("train", "--image", "ghcr.io/x/panet:1")  # image_uri needs podman on every node
 
 
 def test_address_from_argument_or_environment(monkeypatch) -> None:
@@ -74,7 +81,27 @@ def test_address_from_argument_or_environment(monkeypatch) -> None:
         resolve_address("ray://head:10001")
 
 
-def test_runtime_env_pins_constraints_or_names_an_image() -> None:
+def test_no_cluster_named_is_said_before_any_check(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # The config is bad too, but the missing address is what is reported: nothing was checked.
+    args = build_parser().parse_args(["submit", "train", "--config", CONFIG, "--set", "name=a/b"])
+    assert cmd_submit(args) == 2
+    out, err = capsys.readouterr()
+    assert "no cluster: pass --address" in err and "`ray start --head`" in err
+    assert "config key" not in err and out == ""
+
+
+def test_an_unreachable_job_server_names_the_next_step() -> None:
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(SubmitError) as err:
+        connect(address)
+    message = str(err.value)
+    assert message.startswith(f"cannot reach the job server at {address}")
+    assert "`ray start --head`" in message and "port-forward service/panet-head-svc" in message
+
+
+def test_runtime_env_pins_constraints_or_installs_nothing() -> None:
     pins = {
         line.split("==")[0]: line
         for line in (REPO / "constraints.txt").read_text().splitlines()
@@ -88,8 +115,6 @@ def test_runtime_env_pins_constraints_or_names_an_image() -> None:
     assert any(r.startswith("pycocotools") for r in reqs)  # unpinned deps kept as declared
     env = runtime_env(parse("train"))
     assert env["working_dir"] == str(REPO) and env["pip"]["packages"] == reqs
-    env = runtime_env(parse("train", "--image", "ghcr.io/x/panet:1"))
-    assert env["image_uri"] == "ghcr.io/x/panet:1" and "pip" not in env
     assert "pip" not in runtime_env(parse("train", "--no-pip"))
 
 
@@ -104,13 +129,16 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def tiny_sets(shards: dict[str, Path], storage: Path, name: str, steps: int = 2) -> list[str]:
+def tiny_sets(
+    shards: dict[str, Path], storage: Path, name: str, steps: int = 2, tracking: str = ""
+) -> list[str]:
+    """A 2-step job on `shards`; MLflow at `tracking` (default: a SQLite file in `storage`)."""
     sets = {
         "name": name,
         "data.train": shards["train"],
         "data.val": shards["val"],
         "checkpoint.storage_path": storage,
-        "tracking.uri": f"sqlite:///{storage / 'mlflow.db'}",
+        "tracking.uri": tracking or f"sqlite:///{storage / 'mlflow.db'}",
         "tracking.log_model": "false",
         "scaling.num_workers": 1,
         "solver.ims_per_batch": 2,
@@ -124,38 +152,81 @@ def tiny_sets(shards: dict[str, Path], storage: Path, name: str, steps: int = 2)
     return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
 
 
+SERVER = "http://mlflow.example:5000"  # never contacted by the checks
+
+
 def test_checks_refuse_bad_jobs_before_any_cluster(shards, tmp_path) -> None:
-    good = tiny_sets(shards, tmp_path, "ok")
-    job_args, uri = check_job(parse("train", "--no-pip", "--config", str(REPO / CONFIG), *good))
-    assert job_args[:2] == ["--config", CONFIG] and uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    good = tiny_sets(shards, tmp_path, "ok", tracking=SERVER)
+    job = check_job(parse("train", "--no-pip", "--config", str(REPO / CONFIG), *good))
+    assert job.args[:2] == ["--config", CONFIG] and job.tracking_uri == SERVER
+    assert job.staged == {}
+    # A shipped config by name is the checkout's file, inside the working dir.
+    assert check_job(parse("train", "--config", "tiny_synth", *good)).args[:2] == [
+        "--config",
+        CONFIG,
+    ]
     with pytest.raises(SubmitError, match="config key 'solver.no_such_key'"):
         check_job(parse("train", "--config", CONFIG, *good, "--set", "solver.no_such_key=1"))
-    with pytest.raises(SubmitError, match="'data.train' is 'demo/shards/train'.*shared storage"):
-        check_job(parse("train", "--config", CONFIG))  # the demo's relative paths
+    with pytest.raises(SubmitError, match="config file 'nope.yaml' does not exist.*tiny_synth"):
+        check_job(parse("train", "--config", "nope.yaml"))
     missing = [*good, "--set", f"data.val={tmp_path / 'nope'}"]
     with pytest.raises(SubmitError, match="data.val.*does not exist.*--no-data-check"):
         check_job(parse("train", "--config", CONFIG, *missing))
     check_job(parse("train", "--config", CONFIG, *missing, "--no-data-check"))
-    outside = tmp_path / "job.yaml"
-    shutil.copy(REPO / CONFIG, outside)
-    with pytest.raises(SubmitError, match="outside the working dir"):
-        check_job(parse("train", "--config", str(outside), *good))
     with pytest.raises(SubmitError, match="not a valid eval job"):
         check_job(parse("eval", "--", "--data", "x"))  # --checkpoint is required
     with pytest.raises(SubmitError, match="--config/--set are for train and tune"):
         check_job(parse("eval", "--config", CONFIG))
 
 
-def test_a_sweep_is_checked_by_tunes_dry_run(capsys) -> None:
-    if "tune" not in build_parser()._subparsers._group_actions[0].choices:
-        pytest.skip("`panet tune` is not registered in pipeline/cli.py")
-    job_args, _ = check_job(
-        parse("tune", "--set", "solver.max_steps=10", "--", "--sweep", "table4")
+def test_every_key_a_cluster_job_cannot_use_in_one_message(shards, tmp_path) -> None:
+    """Relative paths (the demo's) and a tracking store in local files, all in one message,
+    found before any cluster is contacted."""
+    with pytest.raises(SubmitError) as err:
+        check_job(parse("train", "--config", CONFIG))
+    assert str(err.value).startswith(
+        "config keys 'data.train' is 'demo/shards/train', 'data.val' is 'demo/shards/val', "
+        "'checkpoint.storage_path' is 'demo/runs': a job needs an absolute path on shared storage"
     )
-    assert job_args == ["--set", "solver.max_steps=10", "--sweep", "table4"]
+    assert "config key 'tracking.uri' is unset (a SQLite file under checkpoint.storage_path)" in (
+        str(err.value)
+    )
+    assert "name an MLflow server every node reaches" in str(err.value)
+    # Shared paths, but each kind of local store is refused: a two-node job could not open it.
+    for store in (f"sqlite:///{tmp_path / 'mlflow.db'}", f"file://{tmp_path}/mlruns", "mlruns"):
+        sets = tiny_sets(shards, tmp_path, "local", tracking=store)
+        with pytest.raises(SubmitError, match="^config key 'tracking.uri' is '[^']+': MLflow"):
+            check_job(parse("train", "--config", CONFIG, *sets))
+    # A dry run writes nothing: its store does not matter.
+    dry = tiny_sets(shards, tmp_path, "dry")
+    check_job(parse("train", "--config", CONFIG, *dry, "--", "--dry-run"))
+
+
+def test_a_config_outside_the_working_dir_is_uploaded_with_the_job(shards, tmp_path) -> None:
+    outside = tmp_path / "job.yaml"
+    shutil.copy(REPO / CONFIG, outside)
+    job = check_job(
+        parse("train", "--config", str(outside), *tiny_sets(shards, tmp_path, "o", tracking=SERVER))
+    )
+    (rel,) = job.staged
+    assert re.fullmatch(r"\.panet-submit/job-[0-9a-f]{12}\.yaml", rel)
+    assert job.staged[rel] == outside and job.args[:2] == ["--config", rel]
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    with staged_files(wd, job.staged):
+        assert (wd / rel).read_text() == outside.read_text()
+    assert list(wd.iterdir()) == []  # the copy and its folder are gone once uploaded
+
+
+def test_a_sweep_is_checked_like_tunes_dry_run(capsys) -> None:
+    job = check_job(parse("tune", "--set", "solver.max_steps=10", "--", "--sweep", "table4"))
+    assert job.args == ["--set", "solver.max_steps=10", "--sweep", "table4"]
+    assert job.tracking_uri == "http://mlflow.mlflow.svc:5000"  # coco_panet_r50's, by name
     assert "sweep 'table4': 5 trial(s)" in capsys.readouterr().out
-    with pytest.raises(SubmitError, match="refused the sweep"):
+    with pytest.raises(SubmitError, match="sweep file 'no-such-sweep' does not exist"):
         check_job(parse("tune", "--", "--sweep", "no-such-sweep"))
+    with pytest.raises(SubmitError, match="config keys 'data.train' is 'demo/shards/train'"):
+        check_job(parse("tune", "--", "--sweep", "demo"))  # tiny_synth: the demo's paths
 
 
 @pytest.mark.parametrize("job", sorted(JOBS))
@@ -218,6 +289,15 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow server: a cluster job may not log to a local SQLite file."""
+    from tests.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
 def working_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's files, plus what must never be uploaded: a .venv, data, runs."""
     wd = tmp_path_factory.mktemp("wd")
@@ -264,15 +344,19 @@ def job_ids(cluster, cwd: Path) -> list[str]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_job_runs_streams_and_links(cluster, shards, working_dir, tmp_path) -> None:
+def test_tiny_job_runs_streams_and_links(
+    cluster, shards, working_dir, mlflow_uri, tmp_path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline import tracking
 
     storage = tmp_path / "runs"
+    outside = tmp_path / "my-job.yaml"  # a user's config, not in the working dir: uploaded too
+    shutil.copy(REPO / CONFIG, outside)
     cmd = ["panet", "submit", "--address", cluster.dashboard_url, "train", "--no-pip"]
-    cmd += ["--working-dir", str(working_dir), "--config", str(working_dir / CONFIG)]
-    cmd += tiny_sets(shards, storage, "submit-tiny")
+    cmd += ["--working-dir", str(working_dir), "--config", str(outside)]
+    cmd += tiny_sets(shards, storage, "submit-tiny", tracking=mlflow_uri)
     proc = subprocess.Popen(
         cmd, cwd=working_dir, env=cluster.env, stdout=subprocess.PIPE, text=True, bufsize=1
     )
@@ -295,9 +379,9 @@ def test_tiny_job_runs_streams_and_links(cluster, shards, working_dir, tmp_path)
     started = next(t for t, line in lines if line.startswith("[panet] job 'submit-tiny'"))
     ended = next(t for t, line in lines if line.endswith(": SUCCEEDED"))
     assert ended - started > 3 and "COCO metrics of the last evaluation" in text
-    # The MLflow link names the job's run, which finished in the configured store.
+    # The MLflow link names the job's run, which finished on the server.
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", text).group(1)
-    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    uri = mlflow_uri
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED"
     link = f"[submit] MLflow run: {tracking.run_page_url(uri, run_id)}"
@@ -308,9 +392,13 @@ def test_tiny_job_runs_streams_and_links(cluster, shards, working_dir, tmp_path)
     unpacked = cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
     packages = [p for p in unpacked.glob("_ray_pkg_*") if p.is_dir()]
     assert packages, sorted(p.name for p in unpacked.iterdir())
+    staged = re.search(r"entrypoint: python -m jobs.train --config (\S+)", text).group(1)
+    assert staged.startswith(".panet-submit/my-job-")
+    assert not (working_dir / ".panet-submit").exists()  # removed once uploaded
     for package in packages:
         assert (package / "pipeline" / "submit.py").is_file()
         assert (package / "jobs" / "train.py").is_file() and (package / CONFIG).is_file()
+        assert (package / staged).read_text() == outside.read_text()
         for left_out in (".venv", "data", "runs", ".git", "shards", "weights"):
             assert not (package / left_out).exists(), left_out
         size = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
@@ -324,9 +412,10 @@ def test_tiny_job_runs_streams_and_links(cluster, shards, working_dir, tmp_path)
 
 
 @pytest.mark.ray
-def test_stop_a_running_job(cluster, shards, working_dir, tmp_path) -> None:
+def test_stop_a_running_job(cluster, shards, working_dir, mlflow_uri, tmp_path) -> None:
     args = ["train", "--no-pip", "--no-wait", "--working-dir", str(working_dir)]
-    args += ["--config", str(working_dir / CONFIG), *tiny_sets(shards, tmp_path, "stop", 10**6)]
+    sets = tiny_sets(shards, tmp_path, "stop", 10**6, tracking=mlflow_uri)
+    args += ["--config", str(working_dir / CONFIG), *sets]
     out = panet(cluster, *args, cwd=working_dir)
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"job id: (raysubmit_\w+)", out.stdout).group(1)
@@ -364,7 +453,7 @@ def test_bad_config_or_no_token_submits_nothing(cluster, shards, working_dir, tm
         str(working_dir),
         "--config",
         str(working_dir / CONFIG),
-        *tiny_sets(shards, tmp_path, "bad"),
+        *tiny_sets(shards, tmp_path, "bad", tracking=SERVER),
         "--set",
         "solver.max_steps=0",
         cwd=working_dir,
