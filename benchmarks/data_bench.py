@@ -7,8 +7,11 @@ figures go into the last-line JSON.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +20,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+from machine import print_machine  # benchmarks/ is on sys.path when run as a script
+
+from panet_model import PANetConfig, build_panet
+from pipeline.data.augment import AugmentConfig, augment_record, augment_table, record_rng
+from pipeline.data.collate import collate_train
+from pipeline.data.convert_coco import convert_coco
+from pipeline.data.manifest import load_manifest, shard_paths
+from pipeline.data.reader import label_map
+from pipeline.data.synth import write_synthetic
 
 MB = 2**20
 MAP_BATCH = 16  # records per augment_table call: reader.TRAIN_MAP_BATCH
@@ -63,6 +76,23 @@ def settings(description: str, quick_help: str) -> Settings:
     return s
 
 
+def main(doc: str, quick_help: str, run: Callable[[Path, Settings], dict[str, Any]]) -> None:
+    """A data benchmark's command: its machine line, `run` in a temp dir (removed at the end),
+    the total time and, last, one JSON line with `run`'s figures and the machine."""
+    s = settings(doc.split("\n\n")[0], quick_help)
+    machine = print_machine()
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="panet-bench-"))
+    try:
+        result = {"quick": s == QUICK, **run(tmp, s)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    result["machine"] = machine
+    print(f"\n(total {result['elapsed_s']:.0f} s)")
+    print(json.dumps(result))
+
+
 def log(msg: str) -> None:
     print(
         f"[{Path(sys.argv[0]).stem} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True
@@ -99,8 +129,6 @@ class CocoSet:
 
 def synthetic_sets(tmp: Path, s: Settings) -> tuple[CocoSet, CocoSet]:
     """`s.small[1]` images of 160..320 px and `s.large` of 640..1024 px, in COCO layout."""
-    from pipeline.data.synth import write_synthetic
-
     log(f"synthetic data: {s.small[1]} images of 160..320 px, {s.large} of 640..1024 px ...")
     small = write_synthetic("coco", s.small[1], 0, tmp / "raw_small")
     large = write_synthetic("coco", s.large, 1, tmp / "raw_large", min_size=640, max_size=1024)
@@ -112,8 +140,6 @@ def synthetic_sets(tmp: Path, s: Settings) -> tuple[CocoSet, CocoSet]:
 
 def converted_sets(tmp: Path, s: Settings) -> list[tuple[CocoSet, Path]]:
     """The two synthetic sets and their shards, converted in this process: 160..320 px first."""
-    from pipeline.data.convert_coco import convert_coco
-
     out = []
     for raw, name, shard_size in zip(
         synthetic_sets(tmp, s), ("small", "large"), (s.shard_size, LARGE_SHARD_SIZE)
@@ -133,9 +159,6 @@ class Records:
     """Every record of a shard directory in memory, handed out in chunks, cycling."""
 
     def __init__(self, shard_dir: Path) -> None:
-        from pipeline.data.manifest import load_manifest, shard_paths
-        from pipeline.data.reader import label_map
-
         manifest = load_manifest(shard_dir)
         tables = [pq.read_table(p) for p in shard_paths(manifest, shard_dir)]
         self.table = pa.concat_tables(tables).combine_chunks()
@@ -173,8 +196,6 @@ class Timed:
 
 def augment_chunk(records: Records, n: int, aug: Any) -> tuple[Timed, list[dict]]:
     """Decode + augment `n` records, `MAP_BATCH` a call; returns the timing and the valid rows."""
-    from pipeline.data.augment import augment_table
-
     table = records.chunk(n)
     epoch = records.epoch
     out = []
@@ -193,10 +214,6 @@ class Trainer:
     """One training worker's step: forward, backward, clip, SGD (as `train_loop.train_step`)."""
 
     def __init__(self, cfg: Any, num_classes: int, threads: int) -> None:
-        import torch
-
-        from panet_model import build_panet
-
         self.threads = threads
         torch.manual_seed(0)
         self.model = build_panet(cfg, num_classes=num_classes)
@@ -205,8 +222,6 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.params, lr=1e-4, momentum=0.9)
 
     def step(self, batch: tuple[list, list]) -> Timed:
-        import torch
-
         torch.set_num_threads(self.threads)
         images, targets = batch
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -290,15 +305,10 @@ def side_by_side(
 
 
 def tiny_augment() -> Any:
-    from pipeline.data.augment import AugmentConfig
-
     return AugmentConfig(scales=(192, 256), scale_range=True, max_size=400)  # tiny_synth.yaml
 
 
 def run_tiny(records: Records, s: Settings) -> SideBySide:
-    from panet_model import PANetConfig
-    from pipeline.data.collate import collate_train
-
     aug = tiny_augment()
     cfg = PANetConfig.preset("tiny").override(
         {"transform.min_size": (256,), "transform.max_size": 400}
@@ -314,10 +324,6 @@ def run_tiny(records: Records, s: Settings) -> SideBySide:
 
 
 def run_r50(records: Records, s: Settings) -> tuple[SideBySide, list[tuple[int, int]]]:
-    from panet_model import PANetConfig
-    from pipeline.data.augment import AugmentConfig, augment_record, record_rng
-    from pipeline.data.collate import collate_train
-
     aug = AugmentConfig.paper()
     augment_chunk(records, 4, aug)  # warm-up, untimed
     # The consumption batch: two records with instances, at the fixed short sides asked for.

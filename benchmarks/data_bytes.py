@@ -11,17 +11,17 @@ object with the figures and ratios.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from data_bench import QUICK, Settings, converted_sets, figures, settings
-from machine import print_machine  # benchmarks/ is on sys.path when run as a script
+from data_bench import (  # benchmarks/ is on sys.path when run as a script
+    Settings,
+    converted_sets,
+    figures,
+    main,
+)
 
 from pipeline.data.manifest import load_manifest, shard_paths
 
@@ -106,20 +106,5 @@ def run(tmp: Path, s: Settings) -> dict[str, Any]:
     return {**figures("", sizes["small"], FIGURES), **figures("large_", sizes["large"], FIGURES)}
 
 
-def main() -> None:
-    s = settings(__doc__.split("\n\n")[0], QUICK_HELP)
-    machine = print_machine()
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="panet-bench-"))
-    try:
-        result = {"quick": s == QUICK, **run(tmp, s)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = machine
-    print(f"\n(total {result['elapsed_s']:.0f} s)")
-    print(json.dumps(result))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, QUICK_HELP, run)

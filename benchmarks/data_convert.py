@@ -21,25 +21,22 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from data_bench import (
+from data_bench import (  # benchmarks/ is on sys.path when run as a script
     LARGE_SHARD_SIZE,
     MB,
-    QUICK,
     Settings,
     figures,
     fmt_opt,
     log,
-    settings,
+    main,
     synthetic_sets,
 )
-from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 from procstat import TreeMemory
 
+QUICK_HELP = "250 vs 500 images, 48 large ones"
 CONVERT_REPS = 3  # runs of each of the two small-image sets; median time, highest peak
 
 # Run in a child interpreter with `-c`, so that its process tree (and spawn's re-import of
@@ -234,20 +231,5 @@ def run(tmp: Path, s: Settings) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    s = settings(__doc__.split("\n\n")[0], "250 vs 500 images, 48 large ones")
-    machine = print_machine()
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="panet-bench-"))
-    try:
-        result = {"quick": s == QUICK, **run(tmp, s)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = machine
-    print(f"\n(total {result['elapsed_s']:.0f} s)")
-    print(json.dumps(result))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, QUICK_HELP, run)

@@ -16,17 +16,14 @@ ratios.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from data_bench import (
+import ray
+from data_bench import (  # benchmarks/ is on sys.path when run as a script
     MAP_BATCH,
-    QUICK,
     Records,
     Settings,
     augment_chunk,
@@ -34,14 +31,17 @@ from data_bench import (
     figures,
     fmt_opt,
     log,
+    main,
     rounded,
     run_r50,
     run_tiny,
-    settings,
     tiny_augment,
 )
-from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 from procstat import tree_cpu_seconds
+from ray.data import DataContext
+
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.reader import build_train_dataset
 
 QUICK_HELP = "small sets, no R-50 step"
 # The JSON figures of each set's pass, under the set's prefix: name -> digits.
@@ -76,8 +76,6 @@ FIGURE_NAMES = {
 
 def ray_pass(shard_dir: Path, aug: Any) -> dict[str, Any]:
     """One pass of the training dataset through `iter_batches`: wall time and CPU time."""
-    from pipeline.data.reader import build_train_dataset
-
     ds = build_train_dataset(str(shard_dir), aug, epoch=1, seed=0)
     n = valid = batches = 0
     first = 0.0
@@ -105,11 +103,6 @@ def ray_pass(shard_dir: Path, aug: Any) -> dict[str, Any]:
 
 def run_ray(tmp: Path, sets: dict[str, tuple[Path, Any, int]], cpus: int) -> dict[str, Any]:
     """A pass over each set on a fresh local Ray, between two plain augment chunks."""
-    import ray
-    from ray.data import DataContext
-
-    from pipeline.data.reader import build_train_dataset
-
     records = {name: Records(shard_dir) for name, (shard_dir, _, _) in sets.items()}
     ray.init(
         address="local",  # never join someone else's cluster on this machine
@@ -167,8 +160,8 @@ def print_ray(ray_res: dict[str, Any], cpus: int) -> None:
         "img/s: whole pass, first-batch latency included; steady: after the first batch (>= 5 "
         "batches only)\nplain: augment_table on one CPU just before and after the pass; eff = "
         "Ray / plain\nimg/CPU-s: images per CPU-second of this process tree (driver + every Ray "
-        "process) during the pass\nsupply = img/s/CPU / train img/s of the table above (measured "
-        "earlier, not side by side)"
+        "process) during the pass\nsupply = img/s/CPU / train img/s of one worker (its steps run "
+        "before the pass, as in data_supply.py; not side by side)"
     )
 
 
@@ -179,8 +172,6 @@ def pass_figures(name: str, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(tmp: Path, s: Settings) -> dict[str, Any]:
-    from pipeline.data.augment import AugmentConfig
-
     cpus = os.cpu_count() or 1
     (_, small_dir), (_, large_dir) = converted_sets(tmp, s)
     log("what one training worker consumes: tiny, then R-50 ...")
@@ -208,20 +199,5 @@ def run(tmp: Path, s: Settings) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    s = settings(__doc__.split("\n\n")[0], QUICK_HELP)
-    machine = print_machine()
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="panet-bench-"))
-    try:
-        result = {"quick": s == QUICK, **run(tmp, s)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = machine
-    print(f"\n(total {result['elapsed_s']:.0f} s)")
-    print(json.dumps(result))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, QUICK_HELP, run)

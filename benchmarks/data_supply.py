@@ -17,18 +17,13 @@ last line is one JSON object with the figures and ratios.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from data_bench import (
+from data_bench import (  # benchmarks/ is on sys.path when run as a script
     GOAL,
     NODE_DECODE_CPUS,
-    QUICK,
     Records,
     Settings,
     SideBySide,
@@ -36,12 +31,11 @@ from data_bench import (
     figures,
     fmt_opt,
     log,
+    main,
     rounded,
     run_r50,
     run_tiny,
-    settings,
 )
-from machine import print_machine  # benchmarks/ is on sys.path when run as a script
 
 QUICK_HELP = "small sets, no R-50 step"
 # The JSON figures of each model's side-by-side run: property -> digits.
@@ -135,20 +129,5 @@ def run(tmp: Path, s: Settings) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    s = settings(__doc__.split("\n\n")[0], QUICK_HELP)
-    machine = print_machine()
-    started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="panet-bench-"))
-    try:
-        result = {"quick": s == QUICK, **run(tmp, s)}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = machine
-    print(f"\n(total {result['elapsed_s']:.0f} s)")
-    print(json.dumps(result))
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, QUICK_HELP, run)
