@@ -70,6 +70,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     Returns:
         The `data` parser.
     """
+    # One flat block of argparse declarations per sub-command, in `--help` order: long, but
+    # each block reads on its own and splitting them would only scatter the options.
     data = subparsers.add_parser(
         "data",
         help="make, convert and inspect data sets",

@@ -69,6 +69,45 @@ def plan_coco(annotations: str | Path, images: str | Path) -> ConversionPlan:
     if not image_root.is_dir():
         raise DataError(f"{image_root}: image folder not found")
     raw = ann_path.read_bytes()
+    doc = _instances_document(ann_path, raw)
+    categories = _categories(ann_path, doc["categories"])
+    name = ann_path.name
+    entries, by_image, pre_skipped = _images_and_annotations(name, doc)
+    # Only the fields a record needs travel to the workers.
+    items = [
+        (
+            {k: img[k] for k in ("id", "file_name", "height", "width")},
+            by_image.get(img["id"], []),
+        )
+        for img in entries
+    ]
+    info = doc["info"] if isinstance(doc.get("info"), dict) else {}
+    source = {
+        "format": "coco",
+        "annotations": str(ann_path.resolve()),
+        "images": str(image_root.resolve()),
+        "description": info.get("description", ""),
+    }
+    category_ids = frozenset(c["id"] for c in categories)
+    return ConversionPlan(
+        name="coco",
+        source=source,
+        categories=categories,
+        items=items,
+        convert_item=convert_coco_item,
+        item_source=coco_item_source,
+        context={"images": str(image_root), "ann_file": name, "category_ids": category_ids},
+        fingerprint=fingerprint("coco", hashlib.sha256(raw).hexdigest(), source["images"]),
+        pre_skipped=pre_skipped,
+    )
+
+
+def _instances_document(ann_path: Path, raw: bytes) -> dict:
+    """The parsed instances file, checked to hold 'images', 'categories' and 'annotations' lists.
+
+    Raises:
+        DataError: naming the file, if it is not JSON or not a COCO instances file.
+    """
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -77,25 +116,48 @@ def plan_coco(annotations: str | Path, images: str | Path) -> ConversionPlan:
         raise DataError(f"{ann_path}: not a COCO instances file (no 'images' list)")
     if not isinstance(doc.get("categories"), list) or not doc["categories"]:
         raise DataError(f"{ann_path}: not a COCO instances file (no 'categories' list)")
-    anns = doc.get("annotations", [])  # image-info files (test-dev) have no annotations
-    if not isinstance(anns, list):
+    doc.setdefault("annotations", [])  # image-info files (test-dev) have no annotations
+    if not isinstance(doc["annotations"], list):
         raise DataError(f"{ann_path}: 'annotations' is not a list")
+    return doc
 
+
+def _categories(ann_path: Path, entries: list) -> list[dict]:
+    """`[{"id", "name", "color"}, ...]` in the file's order.
+
+    Raises:
+        DataError: naming the file and the category, if one has no integer id or name, or an
+            id appears twice.
+    """
     categories = []
-    seen_cats: set[int] = set()
-    for i, c in enumerate(doc["categories"]):
+    seen: set[int] = set()
+    for i, c in enumerate(entries):
         if (
             not isinstance(c, dict)
             or not _is_int(c.get("id"))
             or not isinstance(c.get("name"), str)
         ):
             raise DataError(f"{ann_path}: category #{i} needs an integer 'id' and a 'name': {c!r}")
-        if c["id"] in seen_cats:
+        if c["id"] in seen:
             raise DataError(f"{ann_path}: category id {c['id']} appears twice")
-        seen_cats.add(c["id"])
+        seen.add(c["id"])
         categories.append({"id": c["id"], "name": c["name"], "color": category_color(i)})
+    return categories
 
-    name = ann_path.name
+
+def _images_and_annotations(
+    name: str, doc: dict
+) -> tuple[list[dict], dict[int, list[dict]], list[dict]]:
+    """The usable image entries, their annotations by image id, and the skipped entries.
+
+    Args:
+        name: the annotation file's name, for the skipped entries' `source`.
+        doc: the instances document.
+
+    Returns:
+        (image entries in file order, {image id: annotations}, skip entries: bad or duplicate
+        image entries and annotations of unknown images).
+    """
     pre_skipped: list[dict] = []
     entries: list[dict] = []
     ids: set[int] = set()
@@ -112,7 +174,7 @@ def plan_coco(annotations: str | Path, images: str | Path) -> ConversionPlan:
         ids.add(img["id"])
         entries.append(img)
     by_image: dict[int, list[dict]] = {}
-    for ann in anns:
+    for ann in doc["annotations"]:
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if image_id not in ids:
             ann_id = ann.get("id") if isinstance(ann, dict) else None
@@ -126,32 +188,7 @@ def plan_coco(annotations: str | Path, images: str | Path) -> ConversionPlan:
             )
             continue
         by_image.setdefault(image_id, []).append(ann)
-    # Only the fields a record needs travel to the workers.
-    items = [
-        (
-            {k: img[k] for k in ("id", "file_name", "height", "width")},
-            by_image.get(img["id"], []),
-        )
-        for img in entries
-    ]
-    info = doc["info"] if isinstance(doc.get("info"), dict) else {}
-    source = {
-        "format": "coco",
-        "annotations": str(ann_path.resolve()),
-        "images": str(image_root.resolve()),
-        "description": info.get("description", ""),
-    }
-    return ConversionPlan(
-        name="coco",
-        source=source,
-        categories=categories,
-        items=items,
-        convert_item=convert_coco_item,
-        item_source=coco_item_source,
-        context={"images": str(image_root), "ann_file": name, "category_ids": frozenset(seen_cats)},
-        fingerprint=fingerprint("coco", hashlib.sha256(raw).hexdigest(), source["images"]),
-        pre_skipped=pre_skipped,
-    )
+    return entries, by_image, pre_skipped
 
 
 def _image_entry_problem(img: Any) -> str | None:
