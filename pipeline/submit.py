@@ -195,7 +195,7 @@ def connect(address: str) -> Any:
                 "panet port-forward service/panet-head-svc 8265:8265` (infra/README.md)"
             )
         raise SubmitError(
-            f"cannot reach the job server at {address}: {_first_line(err)}{hint}"
+            f"cannot reach the job server at {address}: {_first_line(err).rstrip('.')}{hint}"
         ) from err
 
 
@@ -261,6 +261,11 @@ def runtime_env(args: argparse.Namespace) -> dict[str, Any]:
         "env_vars": {"PYTHONUNBUFFERED": "1"},  # log lines reach the stream as they are printed
     }
     if not args.no_pip:
+        if not (PROJECT_ROOT / "constraints.txt").is_file():
+            raise SubmitError(
+                "the pins to install are in a checkout's constraints.txt, and panet is installed: "
+                "pass --no-pip (the cluster's image holds the project) or run from a checkout"
+            )
         env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
     return env
 
@@ -410,20 +415,19 @@ def submit(args: argparse.Namespace) -> int:
     """Check, submit, then stream the logs until the job ends (unless --no-wait)."""
     address = resolve_address(args.address)  # no cluster named: said before any slow check
     job = check_job(args)
+    env = runtime_env(args)
     client = connect(address)
     entrypoint = " ".join(["python", "-m", f"jobs.{args.job}", *map(_quote, job.args)])
-    try:
-        with staged_files(working_dir(args), job.staged):
+    with staged_files(working_dir(args), job.staged):
+        try:
             job_id = client.submit_job(  # uploads the working dir before it returns
                 entrypoint=entrypoint,
-                runtime_env=runtime_env(args),
+                runtime_env=env,
                 submission_id=args.submission_id,
                 metadata={"panet_job": args.job},
             )
-    except OSError as err:
-        raise SubmitError(f"cannot stage the config in the working dir: {err}") from err
-    except Exception as err:
-        raise SubmitError(f"the job server refused the job: {_first_line(err)}") from err
+        except Exception as err:
+            raise SubmitError(f"the job server refused the job: {_first_line(err)}") from err
     link = dashboard_link(client, job_id)
     print(f"[submit] job id: {job_id}", flush=True)
     print(f"[submit] dashboard: {link}", flush=True)
@@ -441,8 +445,11 @@ def staged_files(wd: Path, staged: dict[str, Path]) -> Iterator[None]:
     try:
         for rel, source in staged.items():
             target = wd / rel
-            target.parent.mkdir(exist_ok=True)
-            shutil.copyfile(source, target)
+            try:
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(source, target)
+            except OSError as err:
+                raise SubmitError(f"cannot put {source} into the working dir: {err}") from err
             made.append(target)
         yield
     finally:

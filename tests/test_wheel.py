@@ -87,3 +87,13 @@ def test_the_installed_wheel_runs_shipped_sweeps_configs_and_entrypoints(install
     err = run([panet, "train", "--config", "jobs/configs/tiny_synth.yaml"], cwd, code=2).stderr
     assert "'jobs/configs/tiny_synth.yaml' does not exist" in err
     assert "shipped configs, by name: cityscapes_panet_r50, coco_panet_r50" in err
+
+    # `panet submit` from an installed copy has no checkout to upload or pins to install.
+    submit = [panet, "submit", "train", "--address", "http://127.0.0.1:1", "--config", "tiny_synth"]
+    err = run(submit, cwd, code=2).stderr
+    assert "panet is installed, not run from a checkout: pass --working-dir" in err
+    shared = ["data.train=/d/train", "data.val=/d/val", "checkpoint.storage_path=/d/runs"]
+    shared.append("tracking.uri=http://mlflow:5000")
+    submit += ["--working-dir", cwd, "--no-data-check", *(x for s in shared for x in ("--set", s))]
+    err = run(submit, cwd, code=2).stderr  # checked, the config staged: then no pins to install
+    assert "constraints.txt, and panet is installed: pass --no-pip" in err
