@@ -123,7 +123,7 @@ def _job_config_problem(config: str | None, sets: list[str]) -> str | None:
 
     try:
         overrides = parse_set(sets)
-        if config is not None and not Path(config).is_absolute():
+        if config is not None and (REPO / config).is_file():  # else a shipped config's name
             config = str(REPO / config)
         base = {} if config is not None else dict(NO_CONFIG_DATA)
         load_job_config(config, {**base, **overrides})
