@@ -59,7 +59,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "run; with a changed config it is refused unless --resume or --new-name says which.",
         formatter_class=DefaultsFormatter,
     )
-    p.add_argument("--config", help="YAML job config, e.g. jobs/configs/tiny_synth.yaml")
+    p.add_argument(
+        "--config", help="YAML job config: a file, or a shipped config's name, e.g. tiny_synth"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -134,8 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             sets["ray.check_resources"] = False
         if args.config is None and not {"data.train", "data.val"} <= sets.keys():
             raise ValueError(
-                "no job config: pass --config FILE (e.g. jobs/configs/tiny_synth.yaml), or set "
-                "data.train and data.val with --set"
+                "no job config: pass --config FILE or a shipped config's name (e.g. "
+                "tiny_synth), or set data.train and data.val with --set"
             )
         job = load_job_config(args.config, sets)
         if args.new_name:

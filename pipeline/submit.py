@@ -391,9 +391,10 @@ def _check_train(args: argparse.Namespace, parsed: argparse.Namespace) -> str:
     from pipeline.config import load_job_config, parse_set, resolve_config
 
     config = resolve_config(args.config) if args.config else None
-    job = load_job_config(config, parse_set(args.set))
+    # parsed.set: submit's --set and any after `--`, in the order the job applies them.
+    job = load_job_config(config, parse_set(parsed.set))
     if not parsed.dry_run:  # a dry run on the cluster writes nothing
-        _check_cluster_config(config, args.set)
+        _check_cluster_config(config, parsed.set)
     if not args.no_data_check:
         from pipeline.train.driver import preflight
 
