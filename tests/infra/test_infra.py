@@ -18,6 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
+from pipeline.config import resolve_config
 from tests.infra import kuberay_rules as rules
 
 REPO = Path(__file__).resolve().parents[2]
@@ -696,10 +697,13 @@ def test_ray_ports_auth_and_paths_agree() -> None:
     # The RayJob: its cluster, its entrypoint's config, the image's working dir.
     job = named("RayJob", "coco-panet-r50")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    # By a shipped config's name, so the entrypoint does not depend on the job's working dir.
     config = re.search(r"--config (\S+)", job["spec"]["entrypoint"])[1]
-    assert (REPO / config).is_file() and job["spec"]["entrypoint"].startswith(
-        "python -m jobs.train"
+    assert "/" not in config and (REPO / "jobs" / "configs" / f"{config}.yaml").is_file()
+    assert (
+        resolve_config(config).resolve() == (REPO / "jobs" / "configs" / f"{config}.yaml").resolve()
     )
+    assert job["spec"]["entrypoint"].startswith("python -m jobs.train")
     workdir = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"]
     assert f"WORKDIR {workdir}" in DOCKERFILES[0].read_text()
     # Weights on the shared volume, data and checkpoints on object storage, as URIs.
