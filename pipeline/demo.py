@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_shards(root / "raw", root / "shards", "train", TRAIN_IMAGES, TRAIN_SEED)
     ensure_shards(root / "raw", root / "shards", "val", VAL_IMAGES, VAL_SEED)
 
-    from pipeline.cli import print_summary
+    from pipeline.train.cli import print_summary
     from pipeline.train.driver import run_training
 
     try:

@@ -15,28 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.args import non_negative_int, positive_int
 from pipeline.data.layout import DEFAULT_SHARD_SIZE
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _user_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Any]:
@@ -61,7 +41,7 @@ def _user_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]]
     return wrap
 
 
-def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `data` and its sub-commands to the `panet` parser.
 
     Args:
@@ -85,8 +65,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         description="Render a synthetic shapes data set and write it as COCO instances or MVD.",
     )
     synth.add_argument("--format", choices=("coco", "mvd"), required=True, help="layout to write")
-    synth.add_argument("--images", type=_non_negative_int, required=True, help="number of images")
-    synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    synth.add_argument("--images", type=non_negative_int, required=True, help="number of images")
+    synth.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     synth.add_argument(
         "--split",
         default="train",
