@@ -13,7 +13,7 @@ import sys
 from pipeline.args import DefaultsFormatter, command_parser, positive_int, run_command
 from pipeline.data.cli import add_parser as add_data_parser
 from pipeline.predict.cli import add_parser as add_predict_parser
-from pipeline.submit import add_parser as add_submit_parser
+from pipeline.submit.cli import add_parser as add_submit_parser
 from pipeline.train.cli import add_parser as add_train_parser
 from pipeline.tune.cli import add_parser as add_tune_parser
 
