@@ -3,6 +3,7 @@
 import sys
 
 from jobs.entry import run
+from pipeline.cli import add_eval_parser as add_parser
 
 if __name__ == "__main__":
-    sys.exit(run(["eval"]))
+    sys.exit(run(add_parser, ["eval"]))

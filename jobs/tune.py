@@ -3,6 +3,7 @@
 import sys
 
 from jobs.entry import run
+from pipeline.tune.cli import add_parser
 
 if __name__ == "__main__":
-    sys.exit(run(["tune"]))
+    sys.exit(run(add_parser, ["tune"]))

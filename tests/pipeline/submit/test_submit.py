@@ -20,27 +20,20 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser
-from pipeline.submit import (
-    JOBS,
-    SubmitError,
-    check_job,
-    cmd_submit,
-    connect,
-    pinned_requirements,
-    resolve_address,
-    runtime_env,
-    split_job,
-    staged_files,
-)
+from pipeline.args import command_parser
+from pipeline.submit import SubmitError
+from pipeline.submit.check import JOBS, check_job
+from pipeline.submit.cli import add_parser, cmd_submit, split_job
+from pipeline.submit.client import connect, resolve_address
+from pipeline.submit.runtime_env import pinned_requirements, runtime_env, staged_files
 from tests.mlflow_server import free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CONFIG = "jobs/configs/tiny_synth.yaml"
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return split_job(build_parser().parse_args(["submit", *argv]))
+    return split_job(command_parser(add_parser).parse_args(["submit", *argv]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,7 +78,9 @@ def test_no_cluster_named_is_said_before_any_check(monkeypatch, capsys) -> None:
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # The config is bad too, but the missing address is what is reported: nothing was checked.
-    args = build_parser().parse_args(["submit", "train", "--config", CONFIG, "--set", "name=a/b"])
+    args = command_parser(add_parser).parse_args(
+        ["submit", "train", "--config", CONFIG, "--set", "name=a/b"]
+    )
     assert cmd_submit(args) == 2
     out, err = capsys.readouterr()
     assert "no cluster: pass --address" in err and "`ray start --head`" in err
@@ -231,28 +226,35 @@ def test_a_sweep_is_checked_like_tunes_dry_run(capsys) -> None:
 
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_each_entrypoint_runs_its_panet_sub_command(job, monkeypatch) -> None:
-    """`python -m jobs.<job> ARGS` is `panet <sub-command> ARGS`, in the same process."""
-    import pipeline.cli
+    """`python -m jobs.<job> ARGS` is `panet <sub-command> ARGS`, in the same process, parsed by
+    the parser of that sub-command alone (the one `panet submit` checks the job with)."""
+    import jobs.entry
 
-    seen: list[list[str]] = []
-    monkeypatch.setattr(pipeline.cli, "main", lambda argv: seen.append(argv) or 7)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def record(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+        seen.append((sorted(parser._subparsers._group_actions[0].choices), argv))
+        return 7
+
+    monkeypatch.setattr(jobs.entry, "run_command", record)
     monkeypatch.setattr(sys, "argv", [f"jobs/{job}.py", "--config", "x.yaml", "--set", "a=1"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module(f"jobs.{job}", run_name="__main__")
     assert exit_.value.code == 7
-    assert seen == [[*JOBS[job], "--config", "x.yaml", "--set", "a=1"]]
+    words = JOBS[job].words
+    assert seen == [([words[0]], [*words, "--config", "x.yaml", "--set", "a=1"])]
 
 
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_each_entrypoint_reaches_the_real_sub_command(job, monkeypatch, capsys) -> None:
-    choices = build_parser()._subparsers._group_actions[0].choices  # the registered commands
-    if JOBS[job][0] not in choices:
-        pytest.skip(f"`panet {JOBS[job][0]}` is not registered in pipeline/cli.py")
+    """The entrypoint's help is its sub-command's, which is also the parser submit checks with."""
+    checked = command_parser(JOBS[job].add_parser)._subparsers._group_actions[0].choices
+    assert sorted(checked) == [JOBS[job].words[0]]
     monkeypatch.setattr(sys, "argv", [f"jobs/{job}.py", "--help"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module(f"jobs.{job}", run_name="__main__")
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: panet {' '.join(JOBS[job])}")
+    assert capsys.readouterr().out.startswith(f"usage: panet {' '.join(JOBS[job].words)}")
 
 
 def test_train_entrypoint_checks_a_config_like_panet_train(shards, tmp_path) -> None:
@@ -396,7 +398,7 @@ def test_tiny_job_runs_streams_and_links(
     assert staged.startswith(".panet-submit/my-job-")
     assert not (working_dir / ".panet-submit").exists()  # removed once uploaded
     for package in packages:
-        assert (package / "pipeline" / "submit.py").is_file()
+        assert (package / "pipeline" / "submit" / "cli.py").is_file()
         assert (package / "jobs" / "train.py").is_file() and (package / CONFIG).is_file()
         assert (package / staged).read_text() == outside.read_text()
         for left_out in (".venv", "data", "runs", ".git", "shards", "weights"):
