@@ -130,7 +130,7 @@ def verify_shard(shard_dir: Path | StoragePath, shard: dict) -> list[str]:
     return problems
 
 
-def inspect_shards(shard_dir: str | Path, *, verify: bool = False) -> dict:
+def inspect_shards(shard_dir: str | Path | StoragePath, *, verify: bool = False) -> dict:
     """Summarise a shard directory from its manifest; with `verify`, re-check every shard.
 
     Args:

@@ -122,7 +122,7 @@ def read_manifest_file(shard_dir: Path | StoragePath) -> dict:
     return manifest
 
 
-def load_manifest(shard_dir: str | Path) -> dict:
+def load_manifest(shard_dir: str | Path | StoragePath) -> dict:
     """Read and check a finished shard directory's manifest before any row is read.
 
     Checks: the manifest exists and is complete, its format_version is

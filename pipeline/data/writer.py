@@ -178,7 +178,7 @@ def write_shards(
     if strict and plan.pre_skipped:
         first = plan.pre_skipped[0]
         raise BadRecordError(f"{first['source']}: {first['reason']} [{first['code']}]")
-    options = {
+    options: dict[str, Any] = {
         "shard_size": shard_size,
         "workers": workers,
         "strict": strict,
