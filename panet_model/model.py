@@ -49,36 +49,61 @@ def check_inputs(
     needs_masks: bool,
     num_classes: int,
 ) -> None:
-    """Raise a `ValueError`/`TypeError` naming the image, target and key that is malformed."""
+    """Raise a `ValueError`/`TypeError` naming the image, target and key that is malformed.
+
+    Types and shapes are checked on the host. The values (finite pixels and boxes, boxes with
+    x2 > x1 and y2 > y1, labels in range) are reduced on the tensors' device to one flag per
+    check and read back once for the whole batch: one host-device sync instead of a few per
+    image, which on a GPU each wait for all queued work. Only a bad batch is read again, to
+    name the culprit.
+    """
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise ValueError(
             f"images must be a non-empty list of (3, H, W) tensors, got {type(images)}"
         )
     for i, img in enumerate(images):
-        if not isinstance(img, Tensor):
-            raise TypeError(f"image {i}: expected a Tensor, got {type(img).__name__}")
-        if img.dim() != 3 or img.shape[0] != 3:
-            raise ValueError(f"image {i}: expected shape (3, H, W), got {tuple(img.shape)}")
-        if img.dtype not in FLOAT_TYPES:
-            raise TypeError(
-                f"image {i}: dtype {img.dtype}; expected a float image in [0, 1] "
-                "(convert uint8 with img.float() / 255)"
-            )
-        if img.shape[1] == 0 or img.shape[2] == 0:
-            raise ValueError(f"image {i}: empty image of shape {tuple(img.shape)}")
-        if not bool(torch.isfinite(img).all()):
-            raise ValueError(f"image {i}: contains NaN or inf values")
-    if targets is None:
-        return
-    if len(targets) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-    for i, (img, target) in enumerate(zip(images, targets)):
-        _check_target(i, img, target, needs_masks, num_classes)
+        _check_image(i, img)
+    if targets is not None:
+        if len(targets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        for i, (img, target) in enumerate(zip(images, targets)):
+            _check_target(i, img, target, needs_masks)
+    # One 0-d bool per value check, named (what, index) for the message of a bad one.
+    names: list[tuple[str, int]] = []
+    flags: list[Tensor] = []
+    for i, img in enumerate(images):
+        names.append(("image", i))
+        flags.append(~torch.isfinite(img).all())
+    for i, target in enumerate(targets or ()):
+        boxes, labels = target["boxes"], target["labels"]
+        names += [("boxes", i), ("degenerate", i), ("labels", i)]
+        flags += [
+            ~torch.isfinite(boxes).all(),
+            ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any(),
+            ((labels < 1) | (labels >= num_classes)).any(),
+        ]
+    device = images[0].device
+    bad = torch.stack([f.to(device) for f in flags]).tolist()  # the one host-device sync
+    if any(bad):
+        what, i = names[bad.index(True)]
+        raise ValueError(_bad_value(what, i, images, targets, num_classes))
 
 
-def _check_target(
-    i: int, img: Tensor, target: dict[str, Tensor], needs_masks: bool, num_classes: int
-) -> None:
+def _check_image(i: int, img: Tensor) -> None:
+    if not isinstance(img, Tensor):
+        raise TypeError(f"image {i}: expected a Tensor, got {type(img).__name__}")
+    if img.dim() != 3 or img.shape[0] != 3:
+        raise ValueError(f"image {i}: expected shape (3, H, W), got {tuple(img.shape)}")
+    if img.dtype not in FLOAT_TYPES:
+        raise TypeError(
+            f"image {i}: dtype {img.dtype}; expected a float image in [0, 1] "
+            "(convert uint8 with img.float() / 255)"
+        )
+    if img.shape[1] == 0 or img.shape[2] == 0:
+        raise ValueError(f"image {i}: empty image of shape {tuple(img.shape)}")
+
+
+def _check_target(i: int, img: Tensor, target: dict[str, Tensor], needs_masks: bool) -> None:
     required = ("boxes", "labels", "masks") if needs_masks else ("boxes", "labels")
     for key in required:
         if key not in target:
@@ -97,20 +122,6 @@ def _check_target(
         raise TypeError(f"target {i}['labels']: dtype {labels.dtype}; expected torch.int64")
     if labels.shape != (n,):
         raise ValueError(f"target {i}['labels']: expected shape ({n},), got {tuple(labels.shape)}")
-    if n and not bool(torch.isfinite(boxes).all()):
-        raise ValueError(f"target {i}['boxes']: contains NaN or inf values")
-    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-    if bool(degenerate.any()):
-        j = int(torch.nonzero(degenerate)[0])
-        raise ValueError(
-            f"target {i}['boxes'][{j}] = {boxes[j].tolist()} is degenerate: "
-            "x2 > x1 and y2 > y1 are required"
-        )
-    if n and (int(labels.min()) < 1 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"target {i}['labels']: values {labels.tolist()} outside 1..{num_classes - 1} "
-            "(0 is the background)"
-        )
     if needs_masks:
         masks = target["masks"]
         expected = (n, img.shape[1], img.shape[2])
@@ -119,3 +130,29 @@ def _check_target(
                 f"target {i}['masks']: shape {tuple(masks.shape)} does not match "
                 f"{n} boxes on a {img.shape[1]}x{img.shape[2]} image (expected {expected})"
             )
+
+
+def _bad_value(
+    what: str,
+    i: int,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]] | None,
+    num_classes: int,
+) -> str:
+    """The message for the value check `what` that failed on image/target `i`."""
+    if what == "image":
+        return f"image {i}: contains NaN or inf values"
+    assert targets is not None
+    boxes, labels = targets[i]["boxes"], targets[i]["labels"]
+    if what == "boxes":
+        return f"target {i}['boxes']: contains NaN or inf values"
+    if what == "degenerate":
+        j = int(torch.nonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0])
+        return (
+            f"target {i}['boxes'][{j}] = {boxes[j].tolist()} is degenerate: "
+            "x2 > x1 and y2 > y1 are required"
+        )
+    return (
+        f"target {i}['labels']: values {labels.tolist()} outside 1..{num_classes - 1} "
+        "(0 is the background)"
+    )

@@ -19,6 +19,7 @@ With a single view and no voting the result is the model's own output, up to flo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,10 +93,15 @@ def _detect_one(model: nn.Module, image: Tensor, test: TestConfig) -> dict[str, 
     if test.mask_vote and len(keep):
         top = scores.argsort(descending=True)[: rh.detections_per_img]
         pool_probs = _mask_probs(model, views, boxes[top], labels[top], (h, w))
-        pool = paste_masks_in_image(pool_probs[:, None], boxes[top], (h, w))[:, 0]
-        masks = mask_voting(
-            masks[:, 0], out["labels"], pool, scores[top], labels[top], test.mask_vote_iou
-        )[:, None]
+        paste_and_vote(
+            masks[:, 0],  # (N, 1, H, W) -> (N, H, W), a view: voted in place
+            out["labels"],
+            pool_probs,
+            boxes[top],
+            scores[top],
+            labels[top],
+            test.mask_vote_iou,
+        )
     out["masks"] = masks
     return out
 
@@ -215,6 +221,13 @@ def box_voting(
     return kept_boxes + shift / total.clamp(min=torch.finfo(total.dtype).tiny)
 
 
+# Mask voting holds the pool's probabilities a chunk of candidates at a time, binary masks at one
+# byte a pixel, and float32 copies of binary masks a block of pixels at a time: at 2048 x 1024,
+# one float32 copy of 100 masks is 800 MB.
+VOTE_CHUNK = 8  # candidates pasted at a time
+PIXEL_BLOCK = 1 << 16  # pixels per float32 block of the intersection product (exact counts)
+
+
 def mask_voting(
     masks: Tensor,
     mask_labels: Tensor,
@@ -230,24 +243,128 @@ def mask_voting(
     `mask_threshold`) it overlaps with IoU >= threshold.
 
     Args:
-        masks: (N, H, W) probabilities; mask_labels: (N,).
+        masks: (N, H, W) probabilities, contiguous; overwritten with the voted ones.
+        mask_labels: (N,).
         pool: (P, H, W) probabilities of the candidates; pool_scores, pool_labels: (P,).
         iou_threshold: the smallest mask IoU of a voter.
         mask_threshold: probability above which a pixel is foreground.
 
     Returns:
-        (N, H, W) voted probabilities; a mask without voters stays as it is.
+        `masks`, voted; a mask without voters stays as it is.
     """
-    if masks.numel() == 0 or pool.numel() == 0:
+    return _vote(
+        masks,
+        mask_labels,
+        lambda start, stop: pool[start:stop],
+        pool_scores,
+        pool_labels,
+        iou_threshold,
+        mask_threshold,
+    )
+
+
+def paste_and_vote(
+    masks: Tensor,
+    mask_labels: Tensor,
+    pool_probs: Tensor,
+    pool_boxes: Tensor,
+    pool_scores: Tensor,
+    pool_labels: Tensor,
+    iou_threshold: float,
+    mask_threshold: float = 0.5,
+) -> Tensor:
+    """`mask_voting` with a pool given in its boxes' frames, pasted `VOTE_CHUNK` at a time.
+
+    Args:
+        masks: (N, H, W) probabilities, contiguous; overwritten with the voted ones.
+        mask_labels: (N,).
+        pool_probs: (P, M, M) probabilities of the candidates in their boxes.
+        pool_boxes: (P, 4) x1y1x2y2 boxes in the image; pool_scores, pool_labels: (P,).
+        iou_threshold, mask_threshold: as for `mask_voting`.
+
+    Returns:
+        `masks`, voted, equal to `mask_voting` on the pasted pool.
+    """
+    size = (masks.shape[-2], masks.shape[-1])
+
+    def pasted(start: int, stop: int) -> Tensor:
+        # (c, M, M) -> (c, 1, H, W) -> (c, H, W)
+        return paste_masks_in_image(pool_probs[start:stop, None], pool_boxes[start:stop], size)[
+            :, 0
+        ]
+
+    return _vote(
+        masks, mask_labels, pasted, pool_scores, pool_labels, iou_threshold, mask_threshold
+    )
+
+
+def _vote(
+    masks: Tensor,
+    mask_labels: Tensor,
+    pool_chunk: Callable[[int, int], Tensor],
+    pool_scores: Tensor,
+    pool_labels: Tensor,
+    iou_threshold: float,
+    mask_threshold: float,
+) -> Tensor:
+    """Mask voting with the pool's probabilities a chunk of candidates at a time.
+
+    Two passes over the pool: its binary masks (one byte a pixel) give the IoUs, then the
+    chunks holding voters are fetched again and summed into the voted masks in place.
+    """
+    num_pool = len(pool_scores)
+    if masks.numel() == 0 or num_pool == 0:
         return masks
-    a = (masks > mask_threshold).flatten(1).to(torch.float32)  # (N, H, W) -> (N, H * W)
-    b = (pool > mask_threshold).flatten(1).to(torch.float32)  # (P, H, W) -> (P, H * W)
-    inter = a @ b.T  # (N, P)
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    n = masks.shape[0]
+    flat = masks.view(n, -1)  # (N, H, W) -> (N, H * W), the same memory
+    chunks = [(s, min(s + VOTE_CHUNK, num_pool)) for s in range(0, num_pool, VOTE_CHUNK)]
+    binary = flat > mask_threshold  # (N, H * W)
+    pool_binary = torch.empty(num_pool, flat.shape[1], dtype=torch.bool, device=flat.device)
+    for start, stop in chunks:
+        # (c, H, W) -> (c, H * W)
+        torch.gt(pool_chunk(start, stop).reshape(stop - start, -1), mask_threshold,
+                 out=pool_binary[start:stop])  # fmt: skip
+    inter, area, pool_area = _overlaps(binary, pool_binary)  # (N, P), (N,), (P,)
+    union = area[:, None] + pool_area[None, :] - inter
+    del binary, pool_binary
     iou = inter / union.clamp(min=1.0)
     votes = (iou >= iou_threshold) & (mask_labels[:, None] == pool_labels[None, :])
-    weights = votes.to(pool.dtype) * pool_scores[None, :]  # (N, P)
+    weights = votes.to(flat.dtype) * pool_scores[None, :]  # (N, P)
     total = weights.sum(dim=1)
-    voted = (weights @ pool.flatten(1)) / total.clamp(min=torch.finfo(total.dtype).tiny)[:, None]
-    voted = voted.view_as(masks)  # (N, H * W) -> (N, H, W)
-    return torch.where((total > 0)[:, None, None], voted, masks)
+    voted = torch.nonzero(total > 0)[:, 0]  # (V,) masks with voters; the others stay
+    if len(voted) == 0:
+        return masks
+    flat.index_fill_(0, voted, 0.0)
+    for start, stop in chunks:
+        w = weights[:, start:stop]  # (N, c)
+        rows = torch.nonzero(w.sum(dim=1) > 0)[:, 0]  # the masks this chunk votes for
+        if len(rows) == 0:
+            continue
+        pool = pool_chunk(start, stop).reshape(stop - start, -1)  # (c, H * W)
+        for group in rows.split(VOTE_CHUNK):  # a (VOTE_CHUNK, H * W) product at most
+            flat.index_add_(0, group, w[group] @ pool)
+    flat.div_(torch.where(total > 0, total, torch.ones_like(total))[:, None])
+    return masks
+
+
+def _overlaps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixel counts of binary masks and of their pairwise intersections.
+
+    Args:
+        a: (N, L) bool; b: (C, L) bool.
+
+    Returns:
+        (N, C) pixels set in both, (N,) in a, (C,) in b; float32. One float32 product per block
+        of `PIXEL_BLOCK` pixels (exact: a block's count is below 2^24), summed in float64
+        (`x.sum(1)` on bool would convert all of `x` to int64 first, eight bytes a pixel).
+    """
+    inter = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    area_a = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    area_b = torch.zeros(b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], PIXEL_BLOCK):
+        block = slice(start, start + PIXEL_BLOCK)
+        fa, fb = a[:, block].to(torch.float32), b[:, block].to(torch.float32)
+        inter += (fa @ fb.T).double()
+        area_a += fa.sum(1).double()
+        area_b += fb.sum(1).double()
+    return inter.to(torch.float32), area_a.to(torch.float32), area_b.to(torch.float32)

@@ -151,7 +151,10 @@ def test_ff_fc_shape_in_panet() -> None:
 def test_level_share_diagnostic(tiny_cfg: PANetConfig) -> None:
     torch.manual_seed(0)
     model = build_panet(tiny_cfg.override({"roi.score_thresh": 0.0}), num_classes=4)
+    grad_modes = []  # a training step calls it: no autograd graph of the whole model
+    model.roi_heads.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     shares = level_share(model, [torch.rand(3, 128, 160), torch.rand(3, 150, 128)])
+    assert grad_modes == [False]
     assert set(shares) == {"box", "mask"}
     box = shares["box"]
     assert box.shape == (4, 4)

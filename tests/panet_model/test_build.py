@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from panet_model import PANetConfig, build_panet
 from panet_model.bpa import BottomUpPath
+from panet_model.model import check_inputs
 from tests.panet_model.conftest import make_sample
 
 NUM_CLASSES = 4
@@ -310,3 +315,56 @@ def test_backbone_weights_from_local_file(tiny_cfg: PANetConfig, tmp_path) -> No
     # The narrow trunk of the tiny preset cannot take them: the error names file and tensor.
     with pytest.raises(ValueError, match=r"resnet18\.pth.*'conv1\.weight' is \(64, 3, 7, 7\)"):
         build_panet(tiny_cfg.override({"backbone.weights": str(path)}), NUM_CLASSES)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python: on a GPU each waits for all queued work."""
+
+    READS = (Tensor.__bool__, Tensor.item, Tensor.tolist, Tensor.__int__, Tensor.__float__)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def batch_of(n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    samples = [make_sample(64, 64, 3, NUM_CLASSES, seed=s) for s in range(n)]
+    return [s[0] for s in samples], [s[1] for s in samples]
+
+
+def test_input_checks_read_the_device_once_per_batch() -> None:
+    """Finite pixels and boxes, box order and label range: one read for 4 images with targets."""
+    images, targets = batch_of(4)
+    with HostReads() as reads:
+        check_inputs(images, targets, needs_masks=True, num_classes=NUM_CLASSES)
+    assert reads.count == 1
+    with HostReads() as reads:
+        check_inputs(images, None, needs_masks=True, num_classes=NUM_CLASSES)
+    assert reads.count == 1
+    # A bad value in the last image is still found and named.
+    targets[3]["boxes"][2, 3] = targets[3]["boxes"][2, 1]
+    with pytest.raises(ValueError, match=r"target 3\['boxes'\]\[2\] = .* is degenerate"):
+        check_inputs(images, targets, needs_masks=True, num_classes=NUM_CLASSES)
+    images[2][1, 5, 5] = float("inf")
+    with pytest.raises(ValueError, match="image 2: contains NaN or inf"):
+        check_inputs(images, targets, needs_masks=True, num_classes=NUM_CLASSES)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_input_checks_sync_the_gpu_once_per_batch() -> None:
+    images, targets = batch_of(4)
+    images = [i.to("cuda:0") for i in images]
+    targets = [{k: v.to("cuda:0") for k, v in t.items()} for t in targets]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            check_inputs(images, targets, needs_masks=True, num_classes=NUM_CLASSES)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in record if "synchroniz" in str(w.message)]) == 1

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from panet_model import PANetConfig, build_panet
 from panet_model.config import TestConfig as Tricks
-from panet_model.tta import box_voting, detect, mask_voting, uses_tricks
+from panet_model.tta import (
+    VOTE_CHUNK,
+    box_voting,
+    detect,
+    mask_voting,
+    paste_and_vote,
+    uses_tricks,
+)
 
 NUM_CLASSES = 4
 
@@ -46,11 +57,12 @@ def test_mask_voting_of_identical_masks_returns_that_mask() -> None:
     mask = mask.clamp(max=1.0)
     pool = mask.repeat(4, 1, 1)
     scores = torch.tensor([0.8, 0.5, 0.4, 0.1])
-    voted = mask_voting(mask, torch.tensor([1]), pool, scores, torch.ones(4, dtype=torch.long), 0.5)
+    labels = torch.ones(4, dtype=torch.long)
+    voted = mask_voting(mask.clone(), torch.tensor([1]), pool, scores, labels, 0.5)
     torch.testing.assert_close(voted, mask, rtol=0, atol=1e-6)
     binary = (mask > 0.5).float()
     voted = mask_voting(
-        binary,
+        binary.clone(),
         torch.tensor([1]),
         binary.repeat(3, 1, 1),
         scores[:3],
@@ -69,11 +81,110 @@ def test_mask_voting_weights_voters_above_the_iou() -> None:
     far[:, 5:] = 1.0  # disjoint: does not vote
     pool = torch.stack([a[0], close, far])
     scores = torch.tensor([0.5, 0.25, 1.0])
-    voted = mask_voting(a, torch.tensor([1]), pool, scores, torch.tensor([1, 1, 1]), 0.5)
+    voted = mask_voting(a.clone(), torch.tensor([1]), pool, scores, torch.tensor([1, 1, 1]), 0.5)
     expected = (0.5 * a[0] + 0.25 * close) / 0.75
     torch.testing.assert_close(voted[0], expected)
-    other_class = mask_voting(a, torch.tensor([2]), pool, scores, torch.tensor([1, 1, 1]), 0.5)
+    labels = torch.tensor([1, 1, 1])
+    other_class = mask_voting(a.clone(), torch.tensor([2]), pool, scores, labels, 0.5)
     assert torch.equal(other_class, a)  # no voter of its class: unchanged
+
+
+def dense_mask_voting(
+    masks: Tensor,
+    mask_labels: Tensor,
+    pool: Tensor,
+    pool_scores: Tensor,
+    pool_labels: Tensor,
+    iou_threshold: float,
+    mask_threshold: float = 0.5,
+) -> Tensor:
+    """The reference: mask voting on float32 copies of every mask at once."""
+    a = (masks > mask_threshold).flatten(1).to(torch.float32)  # (N, H * W)
+    b = (pool > mask_threshold).flatten(1).to(torch.float32)  # (P, H * W)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    iou = inter / union.clamp(min=1.0)
+    votes = (iou >= iou_threshold) & (mask_labels[:, None] == pool_labels[None, :])
+    weights = votes.to(pool.dtype) * pool_scores[None, :]
+    total = weights.sum(dim=1)
+    voted = (weights @ pool.flatten(1)) / total.clamp(min=torch.finfo(total.dtype).tiny)[:, None]
+    return torch.where((total > 0)[:, None, None], voted.view_as(masks), masks)
+
+
+def voting_case(n: int, p: int, size: tuple[int, int]) -> dict[str, Tensor]:
+    """`n` kept detections of 3 classes and `p` candidates around them (jittered copies)."""
+    g = torch.Generator().manual_seed(0)
+    h, w = size
+    owner = torch.arange(p) % n  # the detection each candidate is a copy of
+    corner = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    extent = torch.tensor([w * 0.1, h * 0.1]) * (1 + torch.rand(n, 2, generator=g))
+    xy = corner[owner] + torch.randn(p, 2, generator=g) * 3
+    probs = torch.rand(p, 28, 28, generator=g) * 0.4
+    probs[:, 6:22, 6:22] += 0.6
+    boxes = torch.cat([xy, xy + extent[owner]], dim=1)
+    labels = owner % 3 + 1
+    masks = paste_masks_in_image(probs[:n, None], boxes[:n], size)[:, 0]  # the kept ones
+    scores = torch.rand(p, generator=g)
+    return {"masks": masks, "labels": labels[:n], "probs": probs, "boxes": boxes,
+            "scores": scores, "pool_labels": labels}  # fmt: skip
+
+
+def test_chunked_mask_voting_equals_the_dense_computation() -> None:
+    c = voting_case(6, 3 * VOTE_CHUNK - 2, (96, 128))
+    pool = paste_masks_in_image(c["probs"][:, None], c["boxes"], (96, 128))[:, 0]
+    args = (c["scores"], c["pool_labels"], 0.5)
+    expected = dense_mask_voting(c["masks"], c["labels"], pool, *args)
+    assert not torch.equal(expected, c["masks"])  # some masks have voters
+    got = mask_voting(c["masks"].clone(), c["labels"], pool, *args)
+    torch.testing.assert_close(got, expected)
+    got = paste_and_vote(c["masks"].clone(), c["labels"], c["probs"], c["boxes"], *args)
+    torch.testing.assert_close(got, expected)
+
+
+def rss_peak_and_now() -> tuple[int, int]:
+    status = Path("/proc/self/status").read_text()
+    return tuple(  # type: ignore[return-value]
+        int(re.search(rf"{key}:\s+(\d+) kB", status)[1]) * 1024 for key in ("VmHWM", "VmRSS")
+    )
+
+
+def peak_bytes(fn, *args) -> tuple[Tensor, int]:  # noqa: ANN001
+    """fn(*args) and the peak of resident memory above the resident memory before it."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = rss_peak_and_now()[1]
+    out = fn(*args)
+    return out, rss_peak_and_now()[0] - before
+
+
+def can_reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not can_reset_peak_rss(), reason="needs Linux's /proc/self/clear_refs")
+def test_mask_voting_memory_is_bounded() -> None:
+    """48 detections at 512 x 1024: a third of the dense computation's peak, the same result.
+
+    The dense computation holds the pasted pool, float32 copies of every binary mask and the
+    voted masks at once (more than 5 GB at 2048 x 1024 with 100 detections).
+    """
+    size = (512, 1024)
+    c = voting_case(48, 48, size)
+
+    def dense() -> Tensor:
+        pool = paste_masks_in_image(c["probs"][:, None], c["boxes"], size)[:, 0]
+        return dense_mask_voting(c["masks"], c["labels"], pool, c["scores"], c["pool_labels"], 0.5)
+
+    expected, dense_peak = peak_bytes(dense)
+    masks = c["masks"].clone()
+    args = (masks, c["labels"], c["probs"], c["boxes"], c["scores"], c["pool_labels"], 0.5)
+    got, peak = peak_bytes(paste_and_vote, *args)
+    assert got is masks  # voted in place
+    torch.testing.assert_close(got, expected)
+    assert peak < dense_peak / 3, (peak, dense_peak)
 
 
 class LeftProposals(nn.Module):
