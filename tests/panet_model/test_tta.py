@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -89,16 +90,9 @@ def test_mask_voting_weights_voters_above_the_iou() -> None:
     assert torch.equal(other_class, a)  # no voter of its class: unchanged
 
 
-def dense_mask_voting(
-    masks: Tensor,
-    mask_labels: Tensor,
-    pool: Tensor,
-    pool_scores: Tensor,
-    pool_labels: Tensor,
-    iou_threshold: float,
-    mask_threshold: float = 0.5,
-) -> Tensor:
-    """The reference: mask voting on float32 copies of every mask at once."""
+def dense_mask_voting(*args: Any, mask_threshold: float = 0.5) -> Tensor:
+    """The reference, `mask_voting`'s arguments: float32 copies of every mask at once."""
+    masks, mask_labels, pool, pool_scores, pool_labels, iou_threshold = args
     a = (masks > mask_threshold).flatten(1).to(torch.float32)  # (N, H * W)
     b = (pool > mask_threshold).flatten(1).to(torch.float32)  # (P, H * W)
     inter = a @ b.T
