@@ -71,18 +71,34 @@ def predict(model: nn.Module, images: list[np.ndarray], device: torch.device) ->
 
 
 def log_prediction_pictures(
-    model: nn.Module, ctx: dict[str, Any], step: int, device: torch.device
+    model: nn.Module,
+    job: Any,
+    categories: dict[int, str],
+    inverse_labels: dict[int, int],
+    run: tuple[str, str],
+    step: int,
+    device: torch.device,
 ) -> None:
-    """Draw and log the prediction picture and, under AFP max fusion, the level-share chart."""
-    job = ctx["job"]
+    """Draw and log the prediction picture and, under AFP max fusion, the level-share chart.
+
+    Args:
+        model: the detector (not DDP-wrapped).
+        job: the job config (`eval.pictures`, `data.val`).
+        categories: dataset category id -> name.
+        inverse_labels: contiguous label -> dataset category id.
+        run: (tracking URI, run id) of the MLflow run the pictures go to.
+        step: the training step, in the file names.
+        device: where the model is.
+    """
     if job.eval.pictures <= 0:
         return
-    label_of = {cat: label for label, cat in ctx["inverse_labels"].items()}
+    uri, run_id = run
+    label_of = {cat: label for label, cat in inverse_labels.items()}
     samples = read_samples(job.data.val, job.eval.pictures, label_of)
     if not samples:
         return
     images = [s["image"] for s in samples]
-    names = {label: ctx["categories"][cat] for label, cat in ctx["inverse_labels"].items()}
+    names = {label: categories[cat] for label, cat in inverse_labels.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = prediction_figure(
             images,
@@ -91,7 +107,7 @@ def log_prediction_pictures(
             names,
             path=Path(tmp) / f"predictions_step{step:08d}.png",
         )
-        tracking.log_artifact_file(ctx["tracking_uri"], ctx["run_id"], path, "predictions")
+        tracking.log_artifact_file(uri, run_id, path, "predictions")
         tensors = [torch.from_numpy(i).permute(2, 0, 1).float().div(255).to(device) for i in images]
         shares = level_share(model, tensors)
         if shares:
@@ -99,10 +115,10 @@ def log_prediction_pictures(
                 {k: v.numpy() for k, v in shares.items()},
                 Path(tmp) / f"level_share_step{step:08d}.png",
             )
-            tracking.log_artifact_file(ctx["tracking_uri"], ctx["run_id"], chart, "level_share")
+            tracking.log_artifact_file(uri, run_id, chart, "level_share")
             tracking.log_dict(
-                ctx["tracking_uri"],
-                ctx["run_id"],
+                uri,
+                run_id,
                 {k: v.tolist() for k, v in shares.items()},
                 f"level_share/level_share_step{step:08d}.json",
             )

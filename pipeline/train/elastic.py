@@ -7,7 +7,8 @@ recipe stays the job's: a step always averages the gradient of `solver.ims_per_b
 On `w` workers rank r trains on micro-batches r, r + w, ... (the missing ranks' share) and
 accumulates their gradients, so the learning rate, schedule and step count are unchanged.
 Every rank runs the same number of forward/backward passes, so SyncBN's and DDP's collectives
-stay aligned; a rank with one micro-batch fewer repeats its last one with loss weight 0.
+stay aligned; a rank with one micro-batch fewer repeats its last one with loss weight 0. This
+module works out the shares; `step.train_step` runs a step over them.
 
 Each (re)start records the world in the MLflow run: the worker nodes (tag `worker_nodes`),
 metric `world_size` at the step it starts from, and a `resize.step-NNNNNNNN` tag
@@ -16,16 +17,13 @@ metric `world_size` at the step it starts from, and a `resize.step-NNNNNNNN` tag
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
-from torch import Tensor, nn
 
 T = TypeVar("T")
 
@@ -38,9 +36,9 @@ class MicroBatches:
     passes: int  # forward/backward passes per step, the same on every rank
     weight: float  # loss scale of a micro-batch: world_size / max_workers
 
-    @property
-    def accumulating(self) -> bool:
-        return self.passes > 1
+
+# Every rank's share when all `scaling.num_workers` run: one micro-batch, one pass, unweighted.
+FULL_WORLD = MicroBatches(count=1, passes=1, weight=1.0)
 
 
 def micro_batches(max_workers: int, world_size: int, rank: int) -> MicroBatches:
@@ -75,56 +73,12 @@ def group_steps(batches: Iterable[T], count: int) -> Iterator[list[T]]:
         yield group
 
 
-def accumulate_step(
-    model: nn.Module,
-    micro: list[tuple[list[Tensor], list[dict[str, Tensor]]]],
-    share: MicroBatches,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    job: Any,
-    device: torch.device,
-) -> tuple[dict[str, Tensor], str | None]:
-    """One optimizer step over this rank's micro-batches (on the device already).
-
-    Gradients are all-reduced once, at the last pass (DDP `no_sync` before it). A pass whose
-    loss is not finite on some rank skips the whole step on every rank, as `train_step` does.
-
-    Returns:
-        (the loss terms averaged over this rank's micro-batches, the bad term or None).
-    """
-    from pipeline.train.loop import (
-        any_rank,
-        apply_gradients,
-        clear_gradients,
-        first_bad_term,
-        forward_losses,
-    )
-
-    summed: dict[str, Tensor] = {}
-    for i in range(share.passes):
-        images, targets = micro[min(i, len(micro) - 1)]
-        weight = share.weight if i < len(micro) else 0.0  # a repeat keeps collectives aligned
-        last = i == share.passes - 1
-        no_sync = getattr(model, "no_sync", None)
-        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-        with sync:
-            loss_dict, total = forward_losses(model, images, targets, job, device)
-            if any_rank(~torch.isfinite(total.detach())):
-                clear_gradients(optimizer)
-                return loss_dict, first_bad_term(loss_dict)
-            scaler.scale(total * weight).backward()
-        if weight > 0:
-            for k, v in loss_dict.items():
-                summed[k] = summed[k] + v.detach() if k in summed else v.detach()
-    apply_gradients(model, optimizer, scaler, job)
-    return {k: v / len(micro) for k, v in summed.items()}, None
-
-
-def record_world(ctx: dict[str, Any], step: int, previous_size: int) -> None:
+def record_world(job: Any, tracking_uri: str, run_id: str, step: int, previous_size: int) -> None:
     """Every rank: gather the worker nodes; rank 0 logs the world (and a resize) to MLflow.
 
     Args:
-        ctx: the loop context (`tracking_uri`, `run_id`, `job`).
+        job: the job config.
+        tracking_uri, run_id: the job's MLflow store and run.
         step: the step training starts from.
         previous_size: the world size the checkpoint was written with (0: a fresh start).
     """
@@ -138,10 +92,8 @@ def record_world(ctx: dict[str, Any], step: int, previous_size: int) -> None:
     if size > 1:
         nodes = [None] * size
         dist.all_gather_object(nodes, node)
-    ctx["world_size"] = size
     if (dist.get_rank() if size > 1 else 0) != 0:
         return
-    job = ctx["job"]
     tags = {"worker_nodes": json.dumps(nodes)}
     if previous_size and previous_size != size:
         tags[f"resize.step-{step:08d}"] = json.dumps(
@@ -155,31 +107,7 @@ def record_world(ctx: dict[str, Any], step: int, previous_size: int) -> None:
             flush=True,
         )
     try:
-        tracking.set_tags(ctx["tracking_uri"], ctx["run_id"], tags)
-        tracking.log_metrics(ctx["tracking_uri"], ctx["run_id"], {"world_size": size}, step)
+        tracking.set_tags(tracking_uri, run_id, tags)
+        tracking.log_metrics(tracking_uri, run_id, {"world_size": size}, step)
     except Exception as err:  # noqa: BLE001 - the record must not stop training
         print(f"[train] warning: could not record the world size in MLflow: {err}", flush=True)
-
-
-def elastic_step(
-    model: nn.Module,
-    group: list[tuple[list[Tensor], list[dict[str, Tensor]]]],
-    share: MicroBatches,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    job: Any,
-    device: torch.device,
-) -> tuple[dict[str, Tensor], str | None, float, list[Tensor]]:
-    """`accumulate_step` over a step's batches from the reader, then the schedule's step.
-
-    Returns:
-        (loss terms, the bad term or None, the learning rate this step used, the images).
-    """
-    from pipeline.train.loop import to_device
-
-    micro = [to_device(images, targets, device) for images, targets in group]
-    lr = float(optimizer.param_groups[0]["lr"])
-    loss_dict, bad = accumulate_step(model, micro, share, optimizer, scaler, job, device)
-    scheduler.step()
-    return loss_dict, bad, lr, [image for images, _ in micro for image in images]

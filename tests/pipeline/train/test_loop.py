@@ -1,4 +1,4 @@
-"""The worker loop's pieces: the batch path, the learning rate it logs, the AMP check."""
+"""The worker loop's pieces: the step, the batch path, the learning rate it logs, the AMP check."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from torch import Tensor, nn
 
 from pipeline.config import load_job_config
 from pipeline.data.collate import collate_train, to_float_image
-from pipeline.data.reader import ReaderStats, in_background
+from pipeline.data.reader import in_background
 from pipeline.train import loop
+from pipeline.train.elastic import micro_batches
 from pipeline.train.solver import build_optimizer, build_scheduler, lr_factor
+from pipeline.train.step import StepResult, to_device, train_step
 
 
 def job(**sets):
@@ -45,20 +47,55 @@ def test_progress_shows_the_learning_rate_the_step_used(
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     logged: list[dict[str, float]] = []
     monkeypatch.setattr(loop.tracking, "log_metrics", lambda uri, run, m, step: logged.append(m))
-    ctx: dict[str, Any] = {"job": j, "tracking_uri": "unused", "run_id": "unused"}
-    images = [torch.full((3, 4, 4), 100, dtype=torch.uint8)]
+    setup = loop.WorkerSetup(j, 2, {1: "a"}, {1: 1}, 100, "unused", "unused")
+    state = loop.LoopState(step=0, metrics={})
+    batch = ([torch.full((3, 4, 4), 100, dtype=torch.uint8)], [{}])
     for step in range(1, 4):
-        window = loop.Window()
-        losses, bad, window.lr = loop.step_and_schedule(
-            model, images, [{}], optimizer, scheduler, scaler, j, torch.device("cpu")
-        )
-        assert bad is None
-        window.add(losses, 1, 0.0)
-        loop.log_progress(window, ctx, step, ReaderStats(), 0, torch.device("cpu"), 0.0, 0)
+        result = train_step(model, [batch], optimizer, scheduler, scaler, j, torch.device("cpu"))
+        state.step += 1
+        loop.count_step(result, j, state, 0.0, world_size=1)
+        assert result.bad is None and state.window.steps == 1
+        loop.log_progress(setup, state, torch.device("cpu"))
+        state.window = loop.Window()
         used = j.lr * lr_factor(step - 1, j)
         assert logged[-1]["train/lr"] == pytest.approx(used)
         assert f"| lr {used:.5f} |" in capsys.readouterr().out
     assert optimizer.param_groups[0]["lr"] == pytest.approx(j.lr * lr_factor(3, j))
+
+
+def test_a_full_world_step_is_a_plain_sgd_step() -> None:
+    """One micro-batch, one pass, no loss weight: bit-identical to forward, backward, step."""
+    j = job(**{"solver.optimizer": "sgd", "solver.clip_grad_norm": 0.0})
+    torch.manual_seed(0)
+    model, reference = Scaled(), Scaled()
+    reference.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, j)
+    scheduler = build_scheduler(optimizer, j)
+    expected_optimizer = build_optimizer(reference, j)
+    build_scheduler(expected_optimizer, j)  # sets the warm-up rate of step 0
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = ([torch.rand(3, 2, 2), torch.rand(3, 2, 2)], [{}, {}])
+    result = train_step(model, [batch], optimizer, scheduler, scaler, j, torch.device("cpu"))
+    expected = reference(*batch)
+    sum(expected.values()).backward()
+    expected_optimizer.step()
+    assert result.bad is None and result.images == 2 and result.lr == j.lr * lr_factor(0, j)
+    assert torch.equal(result.losses["loss"], expected["loss"].detach())
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_bad_steps_are_counted_and_too_many_stop_the_job(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    j = job(**{"solver.max_bad_steps": 1})
+    state = loop.LoopState(step=7, metrics={})
+    bad = StepResult(losses={}, bad="loss_a=nan", lr=0.1, images=2)
+    loop.count_step(bad, j, state, 0.0, world_size=1)
+    assert state.bad_steps == 1 and state.window.steps == 0 and state.window.lr == 0.1
+    assert "step 7: skipped, loss not finite (loss_a=nan)" in capsys.readouterr().out
+    with pytest.raises(FloatingPointError, match=r"solver.max_bad_steps=1"):
+        loop.count_step(bad, j, state, 0.0, world_size=1)
 
 
 def test_window_sums_loss_terms() -> None:
@@ -89,7 +126,7 @@ def test_uint8_batch_becomes_the_float_batch_on_the_device() -> None:
     floats, _ = collate_train(rows)
     raw, targets = collate_train(rows, torch.uint8)
     assert all(i.dtype == torch.uint8 and i.is_contiguous() for i in raw)
-    on_device, _ = loop.to_device(raw, targets, torch.device("cpu"))
+    on_device, _ = to_device(raw, targets, torch.device("cpu"))
     for got, expected in zip(on_device, floats):
         assert got.dtype == torch.float32 and torch.equal(got, expected)
     assert to_float_image(floats[0]) is floats[0]
@@ -203,8 +240,6 @@ def test_gradients_stay_views_of_ddp_buckets_across_steps(tmp_path: Any) -> None
     """
     import torch.distributed as dist
 
-    from pipeline.train.elastic import accumulate_step, micro_batches
-
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
@@ -213,6 +248,7 @@ def test_gradients_stay_views_of_ddp_buckets_across_steps(tmp_path: Any) -> None
         model = nn.parallel.DistributedDataParallel(Scaled(), gradient_as_bucket_view=True)
         j = job(**{"solver.optimizer": "sgd"})
         optimizer = build_optimizer(model.module, j)
+        scheduler = build_scheduler(optimizer, j)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         params = [p for p in model.parameters() if p.requires_grad]
         # Where autograd accumulated each gradient, and where the optimizer found it.
@@ -228,21 +264,25 @@ def test_gradients_stay_views_of_ddp_buckets_across_steps(tmp_path: Any) -> None
                 stepped[i].add(p.grad.data_ptr())
 
         optimizer.register_step_pre_hook(at_step)
-        cpu = torch.device("cpu")
         batch = ([torch.rand(3, 2, 2)], [{}])
         bad = ([torch.full((3, 2, 2), math.nan)], [{}])
+
+        def step(batches: list[Any], share: Any = None) -> str | None:
+            args = (model, batches, optimizer, scheduler, scaler, j, torch.device("cpu"))
+            return (train_step(*args, share) if share else train_step(*args)).bad
+
         # DDP makes the gradients bucket views in the first backward, and rebuilds its buckets
         # in the order gradients arrived at the second forward.
         for _ in range(2):
-            loop.train_step(model, *batch, optimizer, scaler, j, cpu)
+            step([batch])
         for sets in (*accumulated, *stepped):
             sets.clear()
-        assert loop.train_step(model, *batch, optimizer, scaler, j, cpu)[1] is None
-        assert loop.train_step(model, *bad, optimizer, scaler, j, cpu)[1] is not None  # skipped
-        assert loop.train_step(model, *batch, optimizer, scaler, j, cpu)[1] is None
+        assert step([batch]) is None
+        assert step([bad]) is not None  # skipped
+        assert step([batch]) is None
         two = micro_batches(max_workers=2, world_size=1, rank=0)  # no_sync, then the all-reduce
-        assert accumulate_step(model, [batch, bad], two, optimizer, scaler, j, cpu)[1] is not None
-        assert accumulate_step(model, [batch, batch], two, optimizer, scaler, j, cpu)[1] is None
+        assert step([batch, bad], two) is not None
+        assert step([batch, batch], two) is None
         assert all(len(s) == 1 for s in stepped)  # one bucket view per parameter throughout
         assert accumulated == stepped  # ... and autograd wrote into it, no copy
     finally:

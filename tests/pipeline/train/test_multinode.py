@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from pipeline.train.elastic import accumulate_step, group_steps, micro_batches
+from pipeline.train.elastic import group_steps, micro_batches
+from pipeline.train.step import train_step
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -52,6 +53,10 @@ class _Job:
     class solver:  # noqa: N801 - mirrors JobConfig.solver
         amp = "off"
         clip_grad_norm = 0.0
+
+
+def _constant(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def _micro_batches(n: int, size: int = 2) -> list[tuple[list[Tensor], list[dict[str, Tensor]]]]:
@@ -82,7 +87,7 @@ def test_micro_batch_shares_cover_the_full_world_once() -> None:
             assert sum(s.count for s in shares) == max_workers
             assert {s.passes for s in shares} == {max(s.count for s in shares)}
             assert all(s.weight == size / max_workers for s in shares)
-    assert micro_batches(2, 2, 1).accumulating is False and micro_batches(2, 1, 0).count == 2
+    assert micro_batches(2, 2, 1).passes == 1 and micro_batches(2, 1, 0).count == 2
     with pytest.raises(ValueError, match="world_size"):
         micro_batches(2, 3, 0)
     assert list(group_steps(range(5), 2)) == [[0, 1], [2, 3], [4]]
@@ -94,8 +99,8 @@ def test_one_worker_accumulates_the_missing_ranks_share() -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     share = micro_batches(max_workers=3, world_size=1, rank=0)
     micro = _micro_batches(3)
-    losses, bad = accumulate_step(model, micro, share, opt, scaler, _Job, torch.device("cpu"))
-    assert bad is None and set(losses) == {"loss_a", "loss_b"}
+    result = train_step(model, micro, opt, _constant(opt), scaler, _Job, torch.device("cpu"), share)
+    assert result.bad is None and set(result.losses) == {"loss_a", "loss_b"}
     torch.testing.assert_close(model.fc.weight, _full_world_step(3))
 
 
@@ -108,7 +113,7 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         share = micro_batches(max_workers=3, world_size=2, rank=rank)  # 2 + 1 micro-batches
         micro = [b for i, b in enumerate(_micro_batches(3)) if i % 2 == rank]
-        accumulate_step(model, micro, share, opt, scaler, _Job, torch.device("cpu"))
+        train_step(model, micro, opt, _constant(opt), scaler, _Job, torch.device("cpu"), share)
         torch.save(model.module.fc.weight.detach().clone(), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -129,7 +134,7 @@ def test_driver_goes_on_when_its_working_directory_is_deleted(tmp_path: Path) ->
     """What a second raylet sharing the head's temp dir does to a `ray job submit` driver."""
     script = f"""
 import os, shutil
-from pipeline.train.driver import keep_working_directory
+from pipeline.ray_session import keep_working_directory
 from pipeline import tracking
 os.chdir({str(tmp_path / "cwd")!r}); shutil.rmtree({str(tmp_path / "cwd")!r})
 keep_working_directory()
