@@ -7,6 +7,7 @@ name where they are needed.
 """
 
 from pipeline.tracking.artifacts import log_artifact_file, log_dict, log_figure, log_image
+from pipeline.tracking.metrics import MAX_PARAM_VALUE_LENGTH, log_metrics, log_params
 from pipeline.tracking.models import (
     load_model,
     log_model,
@@ -15,13 +16,12 @@ from pipeline.tracking.models import (
     register_model,
 )
 from pipeline.tracking.runs import (
-    MAX_PARAM_VALUE_LENGTH,
     child_runs,
     delete_tags,
     finish_run,
+    git_commit,
     log_dataset_inputs,
-    log_metrics,
-    log_params,
+    open_run,
     set_tags,
     source_tags,
     start_or_resume_run,
@@ -42,6 +42,7 @@ __all__ = [
     "default_artifact_location",
     "delete_tags",
     "finish_run",
+    "git_commit",
     "load_model",
     "log_artifact_file",
     "log_dataset_inputs",
@@ -53,6 +54,7 @@ __all__ = [
     "log_params",
     "model_metadata",
     "model_pip_requirements",
+    "open_run",
     "register_model",
     "resolve_tracking_uri",
     "run_page_url",

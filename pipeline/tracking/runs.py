@@ -1,32 +1,30 @@
-"""One MLflow run per job: open or resume it, tags, params, metrics, datasets, finish.
+"""One MLflow run per job or sweep: open or resume it, tags, datasets, children, finish.
 
 Failure policy:
-- `start_or_resume_run` fails fast with `TrackingUnavailableError` naming the URI, so a job with
-  a wrong URI or a server that is down never starts training.
-- `log_metrics` never raises: after retries with backoff it warns, drops the batch and skips
-  metrics for a cool-down, so an unavailable server neither kills nor stalls a training job.
-- `finish_run` never raises either: it often runs while another exception is propagating.
-- Tags and params retry, then raise; callers that must not fail catch it.
+- `open_run` and `start_or_resume_run` fail fast with `TrackingUnavailableError` naming the URI,
+  so a job with a wrong URI or a server that is down never starts training.
+- `finish_run` never raises: it often runs while another exception is propagating.
+- Tags retry, then raise; callers that must not fail catch it.
+Params and metrics: `metrics.py`.
 """
 
 from __future__ import annotations
 
 import json
-import numbers
 import re
-import threading
+import subprocess
 import time
 import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking.store import (
     TrackingUnavailableError,
     default_artifact_location,
-    is_client_error,
     is_http,
     mlflow_client,
     own_attempts,
@@ -38,11 +36,9 @@ from pipeline.tracking.store import (
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-# MLflow 3.17 limits (mlflow.utils.validation): log_batch takes at most 100 params/tags and
-# 1000 metrics per call, a param value at most 6000 characters, a tag value 8000, a key 250.
+# MLflow 3.17 limits (mlflow.utils.validation): log_batch takes at most 100 params/tags per
+# call, a tag value at most 8000 characters, a key 250.
 MAX_PARAMS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 
@@ -51,11 +47,6 @@ RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Characters MLflow accepts in param, metric and tag names on POSIX (Windows also forbids ":").
 # "/" is allowed and kept: the UI groups charts by the prefix before it ("train/", "bbox/").
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
-
-# Stores that failed to take metrics, and until when (time.monotonic) not to try them again.
-OFFLINE_COOLDOWN_S = 120.0
-_offline_until: dict[str, float] = {}
-_offline_lock = threading.Lock()
 
 
 def _check_reachable(tracking_uri: str, timeout: float = 5.0, attempts: int = 3) -> None:
@@ -157,7 +148,7 @@ def start_or_resume_run(
             ) from err
     _check_reachable(tracking_uri)
     str_tags = {
-        _sanitize_name(str(k)): _clip(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()
+        mlflow_name(str(k)): clip(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()
     }
     try:
         client = mlflow_client(tracking_uri)
@@ -189,6 +180,52 @@ def start_or_resume_run(
         raise TrackingUnavailableError(
             f"MLflow tracking URI {tracking_uri!r} is unusable: {type(err).__name__}: {short_error(err)}"
         ) from err
+
+
+def open_run(
+    record: Any,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    entry_point: str,
+    commit: str,
+) -> str:
+    """The MLflow run of a job or a sweep: created once, then resumed by every re-run.
+
+    `record` keeps the run's id and store, so a re-run logs into the same run and never makes a
+    duplicate; a record of another store is not followed (the run is opened anew there).
+
+    Args:
+        record: the JSON file in the job's or sweep's directory (a Path, or a StoragePath).
+        tracking_uri: from `resolve_tracking_uri`.
+        experiment: the experiment's name. run_name: the run's display name.
+        tags: set on the run, with the source tags of `entry_point` and `commit`.
+        entry_point: the run's "Source" in the UI, e.g. "panet train".
+        commit: from `git_commit`.
+
+    Returns:
+        The run id.
+    """
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    run_id = saved.get("run_id") if saved.get("tracking_uri") == tracking_uri else None
+    run_tags = {**tags, **source_tags(entry_point, commit)}
+    run_id = start_or_resume_run(tracking_uri, experiment, run_name, run_id, run_tags)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+    return run_id
+
+
+def git_commit() -> str:
+    """The commit of the checkout this code runs from ("unknown": an installed copy, no git)."""
+    checkout = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -226,7 +263,7 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
     items = [
-        RunTag(_sanitize_name(str(k)), _clip(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()
+        RunTag(mlflow_name(str(k)), clip(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()
     ]
     client = mlflow_client(tracking_uri)
     for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
@@ -302,7 +339,7 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
     )
 
 
-def _sanitize_name(name: str) -> str:
+def mlflow_name(name: str) -> str:
     """A param/metric/tag name MLflow accepts: other characters become "_", and the name must
     not change under path normalisation (MLflow may store it as a file path)."""
     name = _BAD_NAME_CHARS.sub("_", name.strip())
@@ -311,160 +348,8 @@ def _sanitize_name(name: str) -> str:
     return name[:MAX_KEY_LENGTH]
 
 
-def _clip(value: str, limit: int) -> str:
+def clip(value: str, limit: int) -> str:
+    """`value` cut to `limit` characters, "..." marking the cut."""
     if len(value) <= limit:
         return value
     return value[: limit - 3] + "..."
-
-
-def _param_value(value: Any) -> str:
-    """Strings as they are, lists/tuples/dicts as JSON, everything else through str()."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, default=str, sort_keys=isinstance(value, dict))
-    return str(value)
-
-
-def log_params(tracking_uri: str, run_id: str, flat_params: Mapping[str, Any]) -> dict[str, str]:
-    """Log flat params, idempotently: safe to call again when a job resumes.
-
-    MLflow params are immutable. Keys the run already has are skipped; if the new value
-    differs (a resumed job run with an override), it goes to the tag `param_changed.<key>`
-    with a warning instead of failing the job. Values longer than 6000 characters are
-    clipped (the full config is logged as an artifact).
-
-    Args:
-        tracking_uri: the run's store.
-        run_id: the run.
-        flat_params: {"dotted.key": value}; lists, tuples and dicts become JSON.
-
-    Returns:
-        {key: new value} of the params whose logged value differs.
-    """
-    from mlflow.entities import Param, RunTag
-
-    client = mlflow_client(tracking_uri)
-    wanted: dict[str, str] = {}
-    for key, value in flat_params.items():
-        wanted[_sanitize_name(str(key))] = _clip(_param_value(value), MAX_PARAM_VALUE_LENGTH)
-    existing = retry(lambda: client.get_run(run_id).data.params, "get_run")
-    new = [Param(k, v) for k, v in wanted.items() if k not in existing]
-    changed = {k: v for k, v in wanted.items() if k in existing and existing[k] != v}
-    changed_tags = [
-        RunTag(_sanitize_name(f"param_changed.{k}"), _clip(v, MAX_TAG_VALUE_LENGTH))
-        for k, v in changed.items()
-    ]
-    if changed:
-        warnings.warn(
-            f"params already logged with other values (kept, new values in "
-            f"param_changed.* tags): {sorted(changed)}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
-        params = new[start : start + MAX_PARAMS_PER_BATCH]
-        retry(partial(client.log_batch, run_id, params=params), "log_batch(params)")
-    for start in range(0, len(changed_tags), MAX_PARAMS_PER_BATCH):
-        tags = changed_tags[start : start + MAX_PARAMS_PER_BATCH]
-        retry(partial(client.log_batch, run_id, tags=tags), "log_batch(tags)")
-    return changed
-
-
-def _metric_value(value: Any) -> float | None:
-    """A float for numbers, 0-d tensors and numpy scalars; None for anything else."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            out = item()
-        except (ValueError, RuntimeError):
-            return None
-        return float(out) if isinstance(out, numbers.Real) else None
-    return None
-
-
-def log_metrics(
-    tracking_uri: str,
-    run_id: str,
-    metrics: Mapping[str, Any],
-    step: int,
-    *,
-    attempts: int | None = None,
-    base_delay: float = 1.0,
-    offline_cooldown: float = OFFLINE_COOLDOWN_S,
-) -> int:
-    """Log metrics at a step, in batches of 1000. Never raises.
-
-    Names are sanitised to MLflow's characters (`bbox/AP` stays: "/" groups charts in the UI).
-    NaN is stored as NaN; +-inf is stored by MLflow's SQL stores as +-1.8e308. Values that are
-    not numbers are skipped with a warning.
-
-    A batch that still fails after its retries is dropped with a warning; the store is then
-    taken as offline for `offline_cooldown` seconds, in which batches are dropped at once instead
-    of stalling every training step on retries; the first call after that tries again.
-
-    Args:
-        tracking_uri: the run's store.
-        run_id: the run.
-        metrics: {name: number, 0-d tensor or numpy scalar}.
-        step: the global training step.
-        attempts: our tries per batch, doubling `base_delay` between them; default 1 for an
-            HTTP server (MLflow's HTTP client retries with backoff itself), 3 otherwise (for
-            SQLite's "database is locked").
-        base_delay: seconds before our first retry.
-        offline_cooldown: seconds to skip logging after a dropped batch.
-
-    Returns:
-        The number of metric values logged.
-    """
-    from mlflow.entities import Metric
-
-    with _offline_lock:
-        offline = time.monotonic() < _offline_until.get(tracking_uri, 0.0)
-    if offline:
-        return 0
-    timestamp = int(time.time() * 1000)
-    batch: dict[str, Metric] = {}
-    for name, raw in metrics.items():
-        value = _metric_value(raw)
-        if value is None:
-            warnings.warn(f"metric {name!r} is not a number: {raw!r}", RuntimeWarning, stacklevel=2)
-            continue
-        key = _sanitize_name(str(name))
-        batch[key] = Metric(key, value, timestamp, int(step))
-    entries = list(batch.values())
-    logged = 0
-    try:
-        client = mlflow_client(tracking_uri)
-    except Exception as err:  # an unknown URI scheme: MLflow checks it here
-        warnings.warn(f"MLflow client for {tracking_uri!r}: {short_error(err)}", RuntimeWarning, 2)
-        return 0
-    for start in range(0, len(entries), MAX_METRICS_PER_BATCH):
-        chunk = entries[start : start + MAX_METRICS_PER_BATCH]
-        try:
-            retry(
-                partial(client.log_batch, run_id, metrics=chunk),
-                "log_batch(metrics)",
-                attempts=attempts or own_attempts(tracking_uri),
-                base_delay=base_delay,
-            )
-            logged += len(chunk)
-        except Exception as err:
-            unreachable = not is_client_error(err)
-            if unreachable:
-                with _offline_lock:
-                    _offline_until[tracking_uri] = time.monotonic() + offline_cooldown
-            warnings.warn(
-                f"dropped {len(chunk)} metrics at step {step} for run {run_id} "
-                f"({tracking_uri!r}): {type(err).__name__}: {short_error(err)}"
-                + (f"; not logging metrics for {offline_cooldown:.0f} s" if unreachable else ""),
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            if unreachable:
-                break
-    return logged

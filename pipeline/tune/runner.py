@@ -230,23 +230,19 @@ def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
 
 
 def open_parent(p: Prepared) -> str:
-    """The sweep's MLflow parent run: created once, its id kept in the sweep directory."""
+    """The sweep's MLflow parent run: created once, its id kept in the sweep directory
+    (`tracking.open_run`, as a job's)."""
     from pipeline import tracking
-    from pipeline.train.driver import git_commit
 
-    record = p.sweep_dir / SWEEP_RUN
-    saved = json.loads(record.read_text()) if record.is_file() else {}
-    run_id = saved.get("run_id") if saved.get("tracking_uri") == p.tracking_uri else None
-    tags = {
-        "sweep.name": p.sweep.name,
-        "sweep.kind": "parent",
-        **tracking.source_tags("panet tune", git_commit()),
-    }
-    run_id = tracking.start_or_resume_run(
-        p.tracking_uri, p.base_job.tracking.experiment, p.sweep.name, run_id, tags
+    run_id = tracking.open_run(
+        p.sweep_dir / SWEEP_RUN,
+        p.tracking_uri,
+        p.base_job.tracking.experiment,
+        p.sweep.name,
+        {"sweep.name": p.sweep.name, "sweep.kind": "parent"},
+        "panet tune",
+        tracking.git_commit(),
     )
-    p.sweep_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"run_id": run_id, "tracking_uri": p.tracking_uri}))
     params = {
         "sweep.name": p.sweep.name,
         "sweep.file": p.sweep.path,

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from pipeline import tracking
-from pipeline.tracking import runs
+from pipeline.tracking import metrics as tracking_metrics
 from tests.mlflow_server import free_port, mlflow_server, stop_group
 
 
@@ -260,7 +260,7 @@ def test_metrics_never_raise_when_the_server_is_gone(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(MlflowClient, "log_batch", lambda *a, **k: pytest.fail("tried again"))
     assert tracking.log_metrics(uri, "f" * 32, {"a": 1.0}, 4) == 0
     # After the cool-down it tries again.
-    monkeypatch.setitem(runs._offline_until, uri, 0.0)
+    monkeypatch.setitem(tracking_metrics._offline_until, uri, 0.0)
     with pytest.raises(pytest.fail.Exception, match="tried again"):
         tracking.log_metrics(uri, "f" * 32, {"a": 1.0}, 5)
     monkeypatch.setattr(MlflowClient, "log_batch", real)
@@ -410,3 +410,22 @@ def test_log_panet_tiny_loads_back(local_uri: str) -> None:
     assert set(got) == {"boxes", "labels", "scores", "masks"}
     for key in want:
         torch.testing.assert_close(got[key], want[key])
+
+
+def test_open_run_resumes_the_recorded_run_of_its_own_store(local_uri: str, tmp_path: Path) -> None:
+    """The one way jobs and sweeps open a run: the record file names the run a re-run resumes;
+    a record of another store is not followed."""
+    record = tmp_path / "job" / "mlflow_run.json"
+    first_uri = local_uri
+    first = tracking.open_run(record, first_uri, "rec", "job", {"job": "job"}, "panet train", "c0")
+    assert json.loads(record.read_text()) == {"run_id": first, "tracking_uri": first_uri}
+    tracking.finish_run(first_uri, first)
+    again = tracking.open_run(record, first_uri, "rec", "job", {"k": "v"}, "panet tune", "unknown")
+    run = MlflowClient(first_uri).get_run(again)
+    assert again == first and run.info.status == "RUNNING"
+    assert run.data.tags["k"] == "v" and run.data.tags["mlflow.source.name"] == "panet tune"
+    assert run.data.tags["mlflow.source.git.commit"] == "c0"  # "unknown" sets no commit
+    record.write_text(json.dumps({"run_id": first, "tracking_uri": "http://elsewhere:5000"}))
+    other = tracking.open_run(record, first_uri, "rec", "job", {}, "panet train", "c1")
+    assert other != first and MlflowClient(first_uri).get_run(other).info.run_name == "job"
+    assert json.loads(record.read_text()) == {"run_id": other, "tracking_uri": first_uri}
