@@ -89,7 +89,7 @@ def make_step(job: Any, num_classes: int, threads: int) -> Callable[[tuple[list,
     import torch
 
     from panet_model import build_panet
-    from pipeline.train.driver import use_worker_onednn_cache
+    from pipeline.ray_session import use_worker_onednn_cache
     from pipeline.train.solver import build_optimizer
 
     use_worker_onednn_cache()  # as the train workers run

@@ -30,8 +30,8 @@ from machine import print_machine  # benchmarks/ is on sys.path when run as a sc
 
 from panet_model import PANetConfig, build_panet
 from panet_model.config import TestConfig as Tricks
-from pipeline.train.checkpoints import save_state
-from pipeline.train.driver import use_worker_onednn_cache
+from pipeline.ray_session import use_worker_onednn_cache
+from pipeline.state_file import save_state
 
 CATEGORIES = {1: "rectangle", 2: "ellipse", 3: "triangle"}
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")

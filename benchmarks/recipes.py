@@ -3,7 +3,7 @@
 Each recipe is the demo config (`jobs/configs/tiny_synth.yaml`) plus `--set`-style overrides,
 trained from scratch for `--steps` steps in one process, without Ray: the same model,
 augmentation (`augment_table`, seeded by epoch), batching (`iter_train_batches` with the
-config's `group_window`), optimizer, schedule and train step (`train_loop.train_step`) as
+config's `group_window`), optimizer, schedule and train step (`step.train_step`) as
 `panet train`, on the demo's 600 training images; scored with pycocotools on the 80 held-out
 validation images (`evaluate_model` + `coco_evaluate`) at each `--evals` step. Without
 Ray's start-up it turns a recipe question into minutes, not a job per point.
@@ -79,13 +79,14 @@ def run_recipe(
     from pipeline.data.manifest import iter_records, load_manifest
     from pipeline.data.reader import inverse_label_map, label_map
     from pipeline.demo import CONFIG
-    from pipeline.evaluate import coco_evaluate, coco_ground_truth, evaluate_model
-    from pipeline.train.driver import use_worker_onednn_cache
-    from pipeline.train.loop import train_step
+    from pipeline.evaluate.distributed import infer
+    from pipeline.evaluate.scoring import coco_ground_truth, score
+    from pipeline.ray_session import use_worker_onednn_cache
     from pipeline.train.solver import build_optimizer, build_scheduler
+    from pipeline.train.step import train_step
 
     torch.set_num_threads(threads)
-    use_worker_onednn_cache()  # as a Ray worker (trainer.worker_env)
+    use_worker_onednn_cache()  # as a Ray worker (ray_session.worker_env)
     sets = {"data.train": str(shards["train"]), "data.val": str(shards["val"])}
     job = load_job_config(CONFIG, {**sets, **overrides, "solver.max_steps": steps})
     manifest = load_manifest(shards["train"])
@@ -103,17 +104,16 @@ def run_recipe(
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         images, targets = next(batches)
-        losses, bad = train_step(model, images, targets, optimizer, scaler, job, device)
-        scheduler.step()
-        if bad is not None:
-            raise FloatingPointError(f"recipe {name}: step {step}: {bad} is not finite")
+        result = train_step(model, [(images, targets)], optimizer, scheduler, scaler, job, device)
+        if result.bad is not None:
+            raise FloatingPointError(f"recipe {name}: step {step}: {result.bad} is not finite")
         if step in evals:
             eval_batches = (
                 collate_eval(val_rows[i : i + job.eval.batch_size])
                 for i in range(0, len(val_rows), job.eval.batch_size)
             )
-            results = evaluate_model(model, eval_batches, inverse_label_map(manifest), device)
-            metrics = coco_evaluate(gt, results)
+            results = infer(model, eval_batches, inverse_label_map(manifest), device)
+            metrics = score(gt, results)
             curve[step] = (round(metrics["bbox/AP"], 3), round(metrics["segm/AP"], 3))
             print(
                 f"[{name}] step {step}: bbox AP {curve[step][0]:.3f} segm AP {curve[step][1]:.3f}"

@@ -88,8 +88,9 @@ def main() -> None:
     from pipeline import tracking
     from pipeline.config import load_job_config
     from pipeline.demo import ensure_shards
+    from pipeline.ray_session import start_local
     from pipeline.train.driver import run_training
-    from pipeline.tune.runner import prepare, run_sweep, start_local_ray
+    from pipeline.tune.runner import prepare, run_sweep
     from pipeline.tune.sweep import base_job, expand, load_sweep
 
     root = Path(tempfile.mkdtemp(prefix="panet-bench-sweep-"))
@@ -109,7 +110,7 @@ def main() -> None:
         "tracking.log_model": False,
         "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
     }
-    start_local_ray(num_cpus=4)
+    start_local(4, state_api=True)
 
     def sequential(r: int, prepared: Any) -> tuple[float, list[dict[str, float]]]:
         t0, ids, uri = time.perf_counter(), [], ""

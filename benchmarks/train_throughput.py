@@ -62,7 +62,7 @@ def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> dict[str, f
     The rows Ray Data would deliver (every training image, augmented, in the job's seeded
     order) are made before the clock starts; in the loop, batches are grouped, collated and
     their masks decoded as on a worker (`iter_train_batches` in a background thread, uint8
-    images converted by `to_device`), and each step is `train_step` plus the scheduler, on as
+    images converted on the device), and each step is the job's `train_step`, on as
     many threads as a Ray worker gets. Throughput and the share of time spent waiting for the
     next batch are measured per progress window; the same warm-up windows are dropped as for
     the Ray runs.
@@ -71,11 +71,12 @@ def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> dict[str, f
 
     from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import in_background, iter_train_batches, label_map, steps_per_epoch
-    from pipeline.train.driver import use_worker_onednn_cache
-    from pipeline.train.loop import build_training, to_device, train_step
+    from pipeline.ray_session import use_worker_onednn_cache
+    from pipeline.train.loop import build_training
+    from pipeline.train.step import train_step
 
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))  # as a Ray worker
-    use_worker_onednn_cache()  # as a Ray worker (trainer.worker_env)
+    use_worker_onednn_cache()  # as a Ray worker (ray_session.worker_env)
     manifest = load_manifest(shards["train"])
     labels = label_map(manifest)
     steps, batch = job.solver.max_steps, job.solver.ims_per_batch
@@ -104,9 +105,7 @@ def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> dict[str, f
             waited += time.perf_counter() - t0
             if item is None:
                 break
-            images, targets = to_device(*item, device)
-            train_step(model, images, targets, optimizer, scaler, job, device)
-            scheduler.step()
+            train_step(model, [item], optimizer, scheduler, scaler, job, device)
             step += 1
             if step % log_every == 0:
                 now = time.perf_counter()

@@ -41,9 +41,9 @@ def render(checkpoint: Path, data: Path, images: int, out: Path) -> Path:
     from pipeline.cli import pick_checkpoint
     from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import inverse_label_map
+    from pipeline.state_file import load_state, model_config
     from pipeline.tracking.pictures import prediction_figure
     from pipeline.tracking.samples import predict, read_samples
-    from pipeline.train.checkpoints import load_state, model_config
 
     state = load_state(pick_checkpoint(str(checkpoint)))
     model = build_panet(model_config(state), num_classes=int(state["num_classes"]))

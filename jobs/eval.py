@@ -3,7 +3,7 @@
 import sys
 
 from jobs.entry import run
-from pipeline.cli import add_eval_parser as add_parser
+from pipeline.evaluate.cli import add_parser
 
 if __name__ == "__main__":
     sys.exit(run(add_parser, ["eval"]))

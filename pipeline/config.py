@@ -351,3 +351,12 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
             job.checkpoint, storage_path=_absolute(job.checkpoint.storage_path)
         ),
     )
+
+
+def decode_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data decode task options of a job's resolved config (`JobConfig.to_dict()`)."""
+    data = config.get("data", {})
+    return {
+        "num_cpus": data.get("decode_cpus"),
+        "concurrency": data.get("decode_concurrency") or None,
+    }

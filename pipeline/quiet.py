@@ -7,7 +7,7 @@ caution for the model we log on purpose, and Ray Train's per-report line that sh
 rank's placeholder metrics (`segm_AP: -1.0` on ranks that did not evaluate); MLflow also
 prints links of its own that lead elsewhere than ours. Each is switched off at its source, by
 its exact message or setting, so real warnings and errors still show (the preemption watcher
-in `pipeline.train.local_ray`).
+in `pipeline.ray_session`).
 """
 
 from __future__ import annotations

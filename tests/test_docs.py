@@ -438,8 +438,8 @@ def test_the_readme_picture_renders_from_a_checkpoint(tmp_path: Path) -> None:
     from pipeline.data.manifest import load_manifest
     from pipeline.data.synth import write_synthetic
     from pipeline.demo import CONFIG
+    from pipeline.state_file import save_state
     from pipeline.tracking.pictures import prediction_figure_size
-    from pipeline.train.checkpoints import save_state
 
     write_synthetic("coco", 1, 0, tmp_path / "raw", split="train")
     shards = tmp_path / "shards"

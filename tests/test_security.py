@@ -142,7 +142,7 @@ class Payload:
 
 
 def test_a_checkpoint_with_code_in_it_is_refused(tmp_path) -> None:
-    from pipeline.train.checkpoints import load_state
+    from pipeline.state_file import load_state
 
     path = tmp_path / "state.pt"
     torch.save({"model": {}, "step": 1, "extra": Payload()}, path)

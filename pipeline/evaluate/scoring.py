@@ -1,21 +1,14 @@
-"""COCO evaluation (box and mask AP) shared by the training loop's periodic eval and `panet eval`.
-
-Plain functions that compose into `evaluate`:
+"""COCO scoring (box and mask AP): ground truth from shards, model outputs as COCO results,
+COCOeval.
 
     coco_ground_truth(shard_dir)            -> pycocotools COCO of the shards' annotations
-    evaluate_model(model, batches, ...)     -> this rank's COCO results (predictions_to_coco)
-    gather_results(results)                 -> every rank's results on rank 0, None elsewhere
-    coco_evaluate(gt, results)              -> {"bbox/AP": ..., "segm/APl": ...} (12 metrics)
+    predictions_to_coco(outputs, ids, map)  -> COCO result dicts
+    score(gt, results)                      -> {"bbox/AP": ..., "segm/APl": ...} (12 metrics)
     format_metrics(metrics)                 -> a readable table
 
 Metrics are fractions in [0, 1]. COCOeval reports -1 for a size range (or a whole data set)
 without any ground truth; here such a metric is NaN instead (as in detectron2), so that it can
 never be mistaken for, or averaged with, a real AP. `format_metrics` prints it as "-".
-
-Distributed evaluation: the reader gives every eval image to exactly one rank, and ranks get
-different numbers of batches (possibly none), so `evaluate_model` runs no collective at all: it
-unwraps a `DistributedDataParallel` model, whose first forward after a training step broadcasts
-buffers. `gather_results` is the one synchronisation point, called once by every rank at the end.
 """
 
 from __future__ import annotations
@@ -24,18 +17,17 @@ import contextlib
 import copy
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.data.manifest import load_manifest, shard_paths
 
@@ -188,7 +180,7 @@ def _encode_masks(masks: Tensor, n: int, threshold: float) -> list[dict[str, Any
 # COCOeval
 
 
-def coco_evaluate(
+def score(
     gt: COCO,
     results: Sequence[Mapping[str, Any]],
     iou_types: Sequence[str] = IOU_TYPES,
@@ -276,7 +268,7 @@ def _load_results(gt: COCO, dets: list[dict[str, Any]]) -> COCO:
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    """The metrics of `coco_evaluate` as a table: a row per IoU type, a column per metric.
+    """The metrics of `score` as a table: a row per IoU type, a column per metric.
 
     Args:
         metrics: {"bbox/AP": ..., ...}; types or metrics missing from it are left out or "-".
@@ -301,165 +293,6 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# Inference and gathering
-
-
-def evaluate_model(
-    model: nn.Module,
-    batches: Iterable[tuple[Sequence[Tensor], Sequence[Mapping[str, Any]]]],
-    inverse_label_map: Mapping[int, int],
-    device: torch.device | str,
-    *,
-    mask_threshold: float = 0.5,
-) -> list[dict[str, Any]]:
-    """Run inference over this rank's eval batches and convert the outputs to COCO results.
-
-    The model is put in eval mode for the pass and given back in the mode it was in. A
-    `DistributedDataParallel` wrapper is bypassed: its first forward after a training step
-    broadcasts buffers, a collective that a rank without eval batches would never join.
-
-    Args:
-        model: a detection model (`build_panet`), possibly DDP-wrapped.
-        batches: (images, targets) pairs, e.g. `reader.iter_eval_batches`: float (3, H, W)
-            images at their original size and targets with at least "image_id" (int or 0-d
-            tensor).
-        inverse_label_map: contiguous label -> dataset category id.
-        device: where to run the model.
-        mask_threshold: mask probability above which a pixel is foreground.
-
-    Returns:
-        This rank's COCO result dicts, as `predictions_to_coco`.
-    """
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    was_training = net.training
-    net.eval()
-    results: list[dict[str, Any]] = []
-    try:
-        with torch.inference_mode():
-            for images, targets in batches:
-                outputs = net([image.to(device) for image in images])
-                cpu_outputs = []
-                for output in outputs:
-                    output = dict(output)
-                    if "masks" in output:
-                        # Threshold where the masks are: a quarter of the bytes cross to the CPU.
-                        output["masks"] = output["masks"] > mask_threshold
-                    cpu_outputs.append({k: v.to("cpu") for k, v in output.items()})
-                image_ids = [int(t["image_id"]) for t in targets]
-                results += predictions_to_coco(cpu_outputs, image_ids, inverse_label_map)
-    finally:
-        net.train(was_training)
-    return results
-
-
-# The default group this process's gather group was made for, and that gloo group.
-_gather_group: tuple[Any, dist.ProcessGroup] | None = None
-
-
-def gather_group() -> dist.ProcessGroup | None:
-    """The group `gather_results` sends Python objects over; made once per process.
-
-    None (the default group) when it is gloo or there is no distributed run. Otherwise (NCCL)
-    a gloo group of every rank, created on the first call and kept: call it when the worker
-    starts, so that a network problem between the hosts shows then, not at the first
-    evaluation hours later. Every rank must call it the first time (it is a collective).
-
-    Returns:
-        The gloo group, or None for the default group.
-    """
-    global _gather_group
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    if dist.get_backend() == "gloo":
-        return None
-    world = dist.group.WORLD
-    if _gather_group is None or _gather_group[0] is not world:
-        group = dist.new_group(backend="gloo")  # every rank is a member: a real group
-        assert isinstance(group, dist.ProcessGroup)
-        _gather_group = (world, group)
-    return _gather_group[1]
-
-
-def gather_results(results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """Merge every rank's COCO results on rank 0.
-
-    Must be called by every rank of the default process group. The image ids of each rank
-    are exchanged first and checked for overlap on every rank (so all ranks fail together,
-    instead of rank 0 failing while the others wait); then the results go to rank 0 only. With
-    NCCL, the objects travel through the gloo group of `gather_group`, so the (large) pickled
-    results never occupy GPU memory.
-
-    Args:
-        results: this rank's results (`evaluate_model`).
-
-    Returns:
-        Rank 0: all ranks' results, in rank order. Other ranks: None. Without an initialized
-        process group of more than one rank: `results` itself.
-
-    Raises:
-        ValueError: an image_id has results from two ranks (the eval split gave it twice).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return results
-    world, rank = dist.get_world_size(), dist.get_rank()
-    group = gather_group()
-    ids_per_rank: list[Any] = [None] * world
-    dist.all_gather_object(ids_per_rank, sorted({r["image_id"] for r in results}), group=group)
-    _check_disjoint(ids_per_rank)
-    gathered: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(results, gathered, dst=0, group=group)
-    if gathered is None:
-        return None
-    return [r for part in gathered for r in part]
-
-
-def _check_disjoint(ids_per_rank: Sequence[Sequence[int]]) -> None:
-    owner: dict[int, int] = {}
-    for rank, ids in enumerate(ids_per_rank):
-        for image_id in ids:
-            other = owner.setdefault(image_id, rank)
-            if other != rank:
-                raise ValueError(
-                    f"image_id {image_id} was evaluated on ranks {other} and {rank}; every eval "
-                    "image must reach exactly one rank (split eval data with equal=False, "
-                    "reader.ReaderDataConfig)"
-                )
-
-
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[Sequence[Tensor], Sequence[Mapping[str, Any]]]],
-    gt: COCO | None,
-    inverse_label_map: Mapping[int, int],
-    device: torch.device | str,
-    *,
-    iou_types: Sequence[str] = IOU_TYPES,
-    verbose: bool = False,
-) -> dict[str, float] | None:
-    """Distributed COCO evaluation: inference on every rank, COCOeval on rank 0.
-
-    Every rank must call it (it gathers once at the end). COCOeval runs on rank 0 only, so the
-    other ranks return at once and wait in their next collective.
-
-    Args:
-        model: the detection model, possibly DDP-wrapped.
-        batches: this rank's eval batches, as for `evaluate_model`.
-        gt: ground truth (`coco_ground_truth`); only rank 0 reads it, others may pass None.
-        inverse_label_map: contiguous label -> dataset category id.
-        device: where to run the model.
-        iou_types: as for `coco_evaluate`.
-        verbose: let pycocotools print to stdout.
-
-    Returns:
-        Rank 0 (or a single process): the metrics of `coco_evaluate`. Other ranks: None.
-
-    Raises:
-        ValueError: rank 0 got no ground truth, or as `gather_results` / `coco_evaluate`.
-    """
-    results = gather_results(evaluate_model(model, batches, inverse_label_map, device))
-    if results is None:
-        return None
-    if gt is None:
-        raise ValueError("evaluate: rank 0 needs the ground truth (gt=None)")
-    return coco_evaluate(gt, results, iou_types, verbose=verbose)
+def flat_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The metrics under the names Ray Train reports and keeps checkpoints by ("segm_AP")."""
+    return {k.replace("/", "_"): v for k, v in metrics.items()}

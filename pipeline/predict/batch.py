@@ -12,12 +12,12 @@ prints progress and throughput.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline import ray_session
 from pipeline.data.manifest import load_manifest, shard_paths
 from pipeline.predict.results import PREDICTION_SCHEMA, ResultWriter, predict_item
 
@@ -179,19 +179,6 @@ def check_replica_gpus(
         )
 
 
-def connect(num_cpus: float) -> None:
-    """Join RAY_ADDRESS, or start a local instance with at least `num_cpus` logical CPUs."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=int(max(os.cpu_count() or 1, num_cpus) + 0.999))
-
-
 def predict_with_ray(
     source: str,
     files: list[str],
@@ -231,13 +218,14 @@ def predict_with_ray(
 
     device, gpus = replica_device(options.get("device", "auto"), gpus_per_replica)
     options = {**options, "device": device}
-    connect(replicas * cpus_per_replica + 1)
+    # A logical CPU beyond the replicas' for the read tasks that feed them.
+    ray_session.connect(min_cpus=replicas * cpus_per_replica + 1)
     if gpus:
         import ray
 
-        from pipeline.train.driver import autoscaler_max_resources
-
-        check_replica_gpus(replicas, gpus, ray.cluster_resources(), autoscaler_max_resources())
+        check_replica_gpus(
+            replicas, gpus, ray.cluster_resources(), ray_session.autoscaler_max_resources()
+        )
     ds = build_dataset(files, shards, batch_size)
     predicted = ds.map_batches(
         PredictActor,

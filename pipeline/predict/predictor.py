@@ -79,7 +79,7 @@ class Predictor:
 
     def coco_results(self, detections: Detections, image_id: int) -> list[dict[str, Any]]:
         """COCO result dicts (dataset category ids, compressed RLE masks) of one image."""
-        from pipeline.evaluate import predictions_to_coco
+        from pipeline.evaluate.scoring import predictions_to_coco
 
         output = {
             "boxes": torch.from_numpy(detections.boxes),
@@ -168,7 +168,7 @@ def load_predictor(
 
 
 def _config(model_config: dict[str, Any], overrides: dict[str, Any], max_detections: int) -> Any:
-    from pipeline.train.checkpoints import model_config as checkpoint_config
+    from pipeline.state_file import model_config as checkpoint_config
 
     cfg = checkpoint_config({"config": {"model": model_config}}, overrides)
     if max_detections > cfg.roi.detections_per_img:
@@ -177,7 +177,7 @@ def _config(model_config: dict[str, Any], overrides: dict[str, Any], max_detecti
 
 
 def _from_checkpoint(source: str) -> tuple[dict, dict[str, Any], dict[int, str]]:
-    from pipeline.train.checkpoints import load_state
+    from pipeline.state_file import load_state
 
     state = load_state(source)
     if "config" not in state or "categories" not in state:

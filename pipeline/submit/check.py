@@ -18,17 +18,12 @@ import yaml
 
 from pipeline.args import AddParser, command_parser
 from pipeline.data.cli import add_parser as add_data_parser
+from pipeline.evaluate.cli import add_parser as add_eval_parser
 from pipeline.predict.cli import add_parser as add_predict_parser
 from pipeline.submit import SubmitError
 from pipeline.submit.runtime_env import STAGED_DIR, working_dir
 from pipeline.train.cli import add_parser as add_train_parser
 from pipeline.tune.cli import add_parser as add_tune_parser
-
-
-def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.cli import add_eval_parser
-
-    add_eval_parser(sub)
 
 
 class Command(NamedTuple):
@@ -41,7 +36,7 @@ class Command(NamedTuple):
 JOBS = {
     "convert": Command(["data", "convert"], add_data_parser),
     "train": Command(["train"], add_train_parser),
-    "eval": Command(["eval"], _add_eval_parser),
+    "eval": Command(["eval"], add_eval_parser),
     "tune": Command(["tune"], add_tune_parser),
     "predict": Command(["predict"], add_predict_parser),
 }

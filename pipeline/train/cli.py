@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def print_summary(result: dict) -> None:
     from pipeline import tracking
-    from pipeline.evaluate import format_metrics
+    from pipeline.evaluate.scoring import format_metrics
 
     print("\nCOCO metrics of the last evaluation:")
     print(format_metrics(result["metrics"]))

@@ -8,50 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
+import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import storage
-from pipeline.config import JobConfig
+from pipeline import ray_session, storage
+from pipeline.config import JobConfig, decode_options
 from pipeline.data.manifest import load_manifest
-from pipeline.train.failures import FAILED_FILE, clear_failure, raise_failure
+from pipeline.failures import FAILED_FILE, clear_failure, raise_failure
 from pipeline.train.resume import check_job_change, describe, write_job_record
 
-# oneDNN (PyTorch's CPU convolutions) keeps 1,024 compiled primitives by default. Detection
-# batches vary in padded size and RoI count (a tiny run meets ~8,000 distinct primitives), so
-# that cache evicts them before they come back and re-creates ~135 every step: 3-7% of a CPU
-# step (docs/design.md). Primitives are ~40 KB each; GPU runs do not use them. The env of
-# the driver wins.
-ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
-ONEDNN_CACHE_CAPACITY = 16384
 RUN_RECORD = "mlflow_run.json"  # in the job directory: the job's MLflow run id and tracking URI
-
-
-def use_worker_onednn_cache() -> None:
-    """Give this process the workers' oneDNN cache (loops outside Ray: the benchmarks).
-
-    oneDNN reads the variable once, at the process's first convolution: call before it.
-    """
-    os.environ.setdefault(ONEDNN_CACHE_ENV, str(ONEDNN_CACHE_CAPACITY))
-
-
-def worker_env() -> dict[str, Any]:
-    """The runtime env of every train and eval worker."""
-    return {
-        "env_vars": {
-            # Ray Train V2 turns print() on workers into log records *and* tees it to stdout
-            # (twice on the driver), and defeats redirect_stdout (pycocotools' chatter leaks).
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-            ONEDNN_CACHE_ENV: os.environ.get(ONEDNN_CACHE_ENV, str(ONEDNN_CACHE_CAPACITY)),
-        }
-    }
 
 
 @dataclass(frozen=True)
@@ -175,30 +147,6 @@ def cluster_address(job: JobConfig) -> str:
     return job.ray.address or os.environ.get("RAY_ADDRESS", "")
 
 
-def connect_ray(job: JobConfig) -> None:
-    """Join the configured cluster, or start a local one with CPUs for the data tasks too.
-
-    On a 2-core machine, 2 train workers holding 1 CPU each would leave Ray Data no slot and
-    the run would hang; a local instance therefore gets more logical CPUs than train workers.
-    """
-    import ray
-
-    from pipeline.train.local_ray import local_ray_env
-    from pipeline.train.quiet import quiet_driver
-
-    quiet_driver()
-    if ray.is_initialized():
-        return
-    address = cluster_address(job)
-    if address:
-        ray.init(address=address)
-        return
-    need = job.scaling.num_workers * job.scaling.cpus_per_worker + 2
-    num_cpus = job.ray.num_cpus or int(max(os.cpu_count() or 1, need) + 0.999)
-    local_ray_env(num_cpus)
-    ray.init(num_cpus=num_cpus)
-
-
 def preflight_resources(job: JobConfig, autoscaler_max: dict[str, float] | None = None) -> None:
     """The resource check of `preflight`: against the cluster from inside Ray, else this machine.
 
@@ -244,9 +192,9 @@ def check_resources(
         cluster: the cluster's resources (`ray.cluster_resources()`): the workers plus one
             Ray Data decode task must fit its CPUs. None: a local instance not started yet,
             checked against this machine's cores and GPUs (the instance gets extra logical
-            CPUs for the data tasks, `connect_ray`, or exactly `ray.num_cpus` if set).
+            CPUs for the data tasks, `ray_session.connect`, or exactly `ray.num_cpus` if set).
         autoscaler_max: the most an autoscaling cluster can hold ({} for a fixed cluster);
-            None: `autoscaler_max_resources()`.
+            None: `ray_session.autoscaler_max_resources()`.
     """
     sc = job.scaling
     if not job.ray.check_resources:
@@ -257,7 +205,9 @@ def check_resources(
     if cluster is not None:
         cpus, gpus, where = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), "the cluster has"
         data_cpus = job.data.decode_cpus
-        growable = autoscaler_max_resources() if autoscaler_max is None else autoscaler_max
+        growable = (
+            ray_session.autoscaler_max_resources() if autoscaler_max is None else autoscaler_max
+        )
         if growable:
             warn_if_short_now(job, cluster, growable)
             return
@@ -279,98 +229,6 @@ def check_resources(
             f"config key 'scaling.use_gpu': {sc.num_workers} workers need one GPU each, "
             f"but {where} {gpus:g}"
         )
-
-
-# The cluster launcher's autoscaling config, on the head node (`ray up` writes it there).
-LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
-
-
-def autoscaler_max_resources() -> dict[str, float]:
-    """The most the connected cluster's autoscaler can add up to; {} for a fixed-size cluster.
-
-    First Ray's own record, the cluster config in the GCS (node groups x their max replicas),
-    which Ray Train's worker-group check reads. Ray 2.60's autoscalers (v1 and v2) never write it
-    (nothing in Ray calls the GCS client's `report_cluster_config`), so on the shipped clusters
-    the autoscaling config is read where the head node has it: the cluster launcher's
-    `~/ray_bootstrap_config.yaml`, or KubeRay's RayCluster, read with the head pod's service
-    account and converted by Ray's own KubeRay autoscaler code. Elsewhere (a worker node) only
-    Ray's record answers: a Tune trial gets its driver's answer (`preflight_resources`).
-    """
-    from ray._private import state as ray_state
-
-    try:
-        found = ray_state.state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler state: treat as fixed
-        found = None
-    if found:
-        return {k: float(v) for k, v in found.items()}
-    config = head_autoscaling_config()
-    return autoscaling_config_max(config) if config else {}
-
-
-def head_autoscaling_config() -> dict[str, Any] | None:
-    """The autoscaling config of the cluster launcher or KubeRay head this process runs on."""
-    import yaml
-
-    path = Path(LAUNCHER_CONFIG).expanduser()
-    if path.is_file():
-        return yaml.safe_load(path.read_text())
-    name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
-    if not (name and namespace and os.environ.get("KUBERNETES_SERVICE_HOST")):
-        return None
-    from ray.autoscaler._private.kuberay.autoscaling_config import (
-        _derive_autoscaling_config_from_ray_cr,
-    )
-    from ray.autoscaler._private.kuberay.node_provider import KubernetesHttpApiClient
-
-    try:
-        # One request (the autoscaler's own producer retries for 20 s): a worker pod's service
-        # account may not read RayClusters, only the head's (KubeRay's autoscaler role).
-        cr = KubernetesHttpApiClient(namespace).get(f"rayclusters/{name}")
-        return _derive_autoscaling_config_from_ray_cr(cr)
-    except Exception as err:  # noqa: BLE001 - no config: checked as a fixed cluster
-        warnings.warn(
-            f"could not read RayCluster {namespace}/{name} for its autoscaling limits "
-            f"({type(err).__name__}: {err}); checking the cluster as it is now",
-            stacklevel=2,
-        )
-        return None
-
-
-def autoscaling_config_max(config: dict[str, Any]) -> dict[str, float]:
-    """The most of each resource an autoscaling config's nodes add up to.
-
-    Every node type counts up to its `max_workers` (the head once), all worker types together
-    up to the global `max_workers`, filled with the types richest in that resource first.
-
-    Args:
-        config: a cluster launcher YAML or KubeRay's derived autoscaling config
-            (`available_node_types` with `resources`, `max_workers`; `head_node_type`).
-
-    Returns:
-        {resource: amount}; {} if no node type declares resources.
-    """
-    types = config.get("available_node_types") or {}
-    head = config.get("head_node_type")
-    cap = config.get("max_workers")
-    left_total = math.inf if cap is None else float(cap)
-    names = {r for t in types.values() for r in (t.get("resources") or {})}
-    out: dict[str, float] = {}
-    for res in sorted(names):
-        amount, left = 0.0, left_total
-        by_amount = sorted(
-            types.items(), key=lambda kv: -(kv[1].get("resources") or {}).get(res, 0)
-        )
-        for name, node_type in by_amount:
-            per_node = float((node_type.get("resources") or {}).get(res, 0))
-            if name == head:
-                amount += per_node
-                continue
-            count = min(float(node_type.get("max_workers", 0)), left)
-            amount += count * per_node
-            left -= count
-        out[res] = amount
-    return out
 
 
 def warn_if_short_now(
@@ -404,6 +262,24 @@ def _local_gpus() -> float:
     return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=_repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     import mlflow
     import ray
@@ -427,10 +303,9 @@ def open_run(
 ) -> tuple[str, str]:
     """The job's MLflow run: created once, then resumed by every re-run of the same job name.
 
-    The run id lives in `<storage>/<name>/mlflow_run.json` (`tracking.open_run`, and in every
-    checkpoint), so a resumed or restarted job logs into the same run and never creates a
-    duplicate. The run records its source (entry point, git commit) and its train and val
-    shards as datasets.
+    The run id lives in `<storage>/<name>/mlflow_run.json` (and in every checkpoint), so a
+    resumed or restarted job logs into the same run and never creates a duplicate. The run
+    records its source (entry point, git commit) and its train and val shards as datasets.
 
     Args:
         job: the job.
@@ -445,16 +320,13 @@ def open_run(
 
     job.run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
-    commit = tracking.git_commit()
-    run_id = tracking.open_run(
-        job.run_dir / RUN_RECORD,
-        uri,
-        job.tracking.experiment,
-        job.name,
-        {"job": job.name, **(tags or {})},
-        entry_point,
-        commit,
-    )
+    record = job.run_dir / RUN_RECORD
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
+    commit = git_commit()
+    run_tags = {"job": job.name, **tracking.source_tags(entry_point, commit), **(tags or {})}
+    run_id = tracking.start_or_resume_run(uri, job.tracking.experiment, job.name, run_id, run_tags)
+    record.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     tracking.log_dataset_inputs(uri, run_id, dataset_inputs(job, plan))
     params: dict[str, Any] = dict(job.flat())
     params.update(versions())
@@ -560,7 +432,7 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=job.ray.max_failures),
-            worker_runtime_env=worker_env(),
+            worker_runtime_env=ray_session.worker_env(),
             callbacks=callbacks,
         ),
         datasets=datasets,
@@ -593,8 +465,12 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
     done = finished_result(job)
     if done is not None:
         return done
-    connect_ray(job)
-    keep_working_directory()
+    ray_session.connect(
+        job.ray.address,
+        num_cpus=job.ray.num_cpus,
+        # Logical CPUs for the Ray Data decode tasks beside the workers' (`ray_session.connect`).
+        min_cpus=job.scaling.num_workers * job.scaling.cpus_per_worker + 2,
+    )
     check_resources(job, ray.cluster_resources())
     check_cluster_storage(job)
     with warnings.catch_warnings():
@@ -629,26 +505,6 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
         saved = json.loads(storage.read_text(storage.join(checkpoint, "metrics.json")))
         metrics = coco_metrics(saved)
     return {"metrics": metrics, "tracking_uri": uri, "run_id": run_id, "checkpoint": checkpoint}
-
-
-def keep_working_directory() -> None:
-    """Leave a working directory that was deleted under the driver for one that exists.
-
-    Paths are absolute from `load_job_config` on, so nothing of the job's needs the working
-    directory, but MLflow's SQLite store resolves its default artifact root against it. Under
-    `ray job submit` the driver runs in the unpacked working_dir package, and on two Ray nodes
-    sharing one temp dir (two raylets on one machine), the second node's runtime-env agent
-    unpacks the same package again when the driver connects, deleting the first copy.
-    """
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        os.chdir(tempfile.gettempdir())
-        print(
-            f"[panet] warning: the working directory was deleted; going on in "
-            f"{tempfile.gettempdir()} (every path of the job is absolute)",
-            flush=True,
-        )
 
 
 def checkpoint_location(checkpoint: Any) -> str:
@@ -731,118 +587,3 @@ def _interrupted() -> bool:
 
     exc = sys.exc_info()[1]
     return isinstance(exc, KeyboardInterrupt)
-
-
-def decode_options(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data decode task options of a job's resolved config (`JobConfig.to_dict()`)."""
-    data = config.get("data", {})
-    return {
-        "num_cpus": data.get("decode_cpus"),
-        "concurrency": data.get("decode_concurrency") or None,
-    }
-
-
-def run_eval(
-    checkpoint: str,
-    data: str,
-    num_workers: int,
-    batch_size: int,
-    use_gpu: bool = False,
-    model_overrides: dict[str, Any] | None = None,
-) -> dict[str, float]:
-    """`panet eval`: distributed inference over `data`, scored with pycocotools on rank 0.
-
-    The metrics (or a worker's setup error) come back through a Ray actor, not a file: rank 0
-    may run on another node than the driver.
-
-    Args:
-        checkpoint: a checkpoint directory or its state.pt (a path or an s3:// / gs:// URI).
-        data: the shard directory to evaluate (a path or a URI).
-        num_workers: Ray Train workers.
-        batch_size: images per inference batch and worker.
-        use_gpu: one GPU per worker.
-        model_overrides: `{"model.dotted.key": value}` for the checkpoint's model config, e.g.
-            the test-time tricks `{"model.test.flip": True}` (`checkpoints.model_config`).
-
-    Returns:
-        The 12 COCO metrics.
-    """
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, inverse_label_map
-    from pipeline.train.checkpoints import load_state, model_config
-    from pipeline.train.loop import eval_loop_per_worker
-
-    checkpoint, data = storage.absolute(checkpoint), storage.absolute(data)
-    state = load_state(checkpoint)  # fails here, naming the file, before Ray starts
-    model_config(state, model_overrides)  # and so does a bad --set
-    manifest = load_manifest(data)
-    names = [c["name"] for c in manifest["categories"]]
-    trained = list(state.get("categories", {}).values())
-    if trained and trained != names:
-        raise ValueError(
-            f"data {data!r} has categories {names[:5]}, the checkpoint was trained on {trained[:5]}"
-        )
-    from pipeline.train.local_ray import local_ray_env
-    from pipeline.train.quiet import quiet_driver
-
-    quiet_driver()
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS", "")
-        if address:
-            ray.init(address=address)
-        else:
-            num_cpus = max(os.cpu_count() or 1, num_workers + 2)
-            local_ray_env(num_cpus)
-            ray.init(num_cpus=num_cpus)
-    keep_working_directory()
-    if use_gpu:
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        if num_workers > gpus and not autoscaler_max_resources():
-            raise ValueError(
-                f"--gpu: {num_workers} workers need one GPU each, but the cluster has {gpus:g}"
-            )
-    results = ray.remote(num_cpus=0)(ResultBox).remote()
-    with tempfile.TemporaryDirectory(prefix="panet-eval-") as run_storage:
-        trainer = TorchTrainer(
-            eval_loop_per_worker,
-            train_loop_config={
-                "checkpoint": checkpoint,
-                "data": data,
-                "batch_size": batch_size,
-                "inverse_labels": inverse_label_map(manifest),
-                "results": results,
-                "model_overrides": model_overrides or {},
-            },
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-            run_config=RunConfig(
-                name=f"eval-{os.getpid()}",
-                storage_path=run_storage,
-                worker_runtime_env=worker_env(),
-            ),
-            datasets={"eval": build_eval_dataset(data, **decode_options(state["config"]))},
-            dataset_config=ReaderDataConfig(eval_datasets=("eval",), preserve_order=True),
-        )
-        trainer.fit()
-    answer = ray.get(results.get.remote())
-    ray.kill(results)
-    if "error" in answer:
-        raise ValueError(answer["error"])
-    if "metrics" not in answer:
-        raise RuntimeError("panet eval: the workers finished without reporting metrics")
-    return {k: float(v) for k, v in answer["metrics"].items()}
-
-
-class ResultBox:
-    """A Ray actor the eval workers hand their result to: {"metrics": ...} or {"error": ...}."""
-
-    def __init__(self) -> None:
-        self._answer: dict[str, Any] = {}
-
-    def put(self, key: str, value: Any) -> None:
-        self._answer.setdefault(key, value)  # the first error wins
-
-    def get(self) -> dict[str, Any]:
-        return dict(self._answer)

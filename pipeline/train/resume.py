@@ -105,7 +105,8 @@ def check_job_change(
     Raises:
         ValueError: one line naming the job directory and what differs.
     """
-    from pipeline.train.checkpoints import latest_state_file, load_state
+    from pipeline.state_file import load_state
+    from pipeline.train.checkpoints import latest_state_file
 
     path = latest_state_file(job.run_dir)
     if path is None:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.ray_session import API_SERVER_ENV
 from pipeline.tune.results import Row, best_row, status_of, write_results
 from pipeline.tune.sweep import Sweep, Trial, asha_rungs, check_trials, trial_job
 
 SWEEP_RUN = "sweep_run.json"  # in the sweep directory: the parent run's id and store
 SWEEP_RECORD = "sweep.json"  # in the sweep directory: the sweep and its expanded trials
 STATE_API_TIMEOUT_S = 30
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def concurrency(
         p: the sweep.
         cluster: the cluster's resources now (`ray.cluster_resources()`).
         autoscaler_max: the most the cluster's autoscaler can add up to
-            (`driver.autoscaler_max_resources`); {} or None for a fixed-size cluster.
+            (`ray_session.autoscaler_max_resources`); {} or None for a fixed-size cluster.
 
     Raises:
         ValueError: naming the config key, if the cluster, grown to its largest, cannot hold
@@ -162,51 +162,15 @@ def connect(job: JobConfig, jobs: list[JobConfig]) -> None:
     its machine, which fails where several run): every process of the sweep gets it. Without
     it a stopped trial's placement group stays and every later trial waits for workers.
     """
-    import ray
+    from pipeline import ray_session
 
-    from pipeline.train.quiet import quiet_driver
-
-    quiet_driver()
-    if not ray.is_initialized():
-        address = job.ray.address or os.environ.get("RAY_ADDRESS", "")
-        if address:
-            from ray.dashboard.utils import get_address_for_submission_client
-
-            url = get_address_for_submission_client(address)
-            os.environ[API_SERVER_ENV] = url
-            ray.init(address=address, runtime_env={"env_vars": {API_SERVER_ENV: url}})
-        else:
-            need = max(trial_needs(j)["CPU"] for j in jobs) + 1
-            start_local_ray(job.ray.num_cpus or math.ceil(max(os.cpu_count() or 1, need)))
-    check_state_api()
-
-
-def start_local_ray(num_cpus: int) -> str:
-    """Start a local Ray instance whose dashboard (state API) every process can find.
-
-    Returns:
-        The dashboard's URL.
-    """
-    import socket
-
-    import ray
-
-    from pipeline.train.local_ray import local_ray_env
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    os.environ[API_SERVER_ENV] = url  # the raylet and every worker inherit it
-    local_ray_env(num_cpus)
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {API_SERVER_ENV: url}},
+    ray_session.connect(
+        job.ray.address,
+        num_cpus=job.ray.num_cpus,
+        min_cpus=max(trial_needs(j)["CPU"] for j in jobs) + 1,
+        state_api=True,
     )
-    return url
+    check_state_api()
 
 
 def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
@@ -463,7 +427,8 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         {"rows", "best", "paths", "unfinished", "tracking_uri", "parent_run_id",
         "sweep_dir", "elapsed_s"}.
     """
-    from pipeline.train.driver import autoscaler_max_resources, preflight
+    from pipeline.ray_session import autoscaler_max_resources
+    from pipeline.train.driver import preflight
 
     t0 = time.perf_counter()
     for job in p.jobs:

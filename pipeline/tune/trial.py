@@ -26,11 +26,11 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         config: Tune's param space entry: `{"trial": the trial's name}`.
         setup: from the driver: `base` (the flat base job), `sweep_dir`, `tracking_uri`,
             `parent_run_id`, `sweep` (its name), `trials` ({name: Trial fields}),
-            `autoscaler_max` (`driver.autoscaler_max_resources` on the driver).
+            `autoscaler_max` (`ray_session.autoscaler_max_resources` on the driver).
     """
     from pipeline import tracking
+    from pipeline.quiet import quiet_driver
     from pipeline.train.driver import build_trainer, open_run, preflight
-    from pipeline.train.quiet import quiet_driver
 
     quiet_driver()  # the trial's process drives its Train run
     trial = Trial(**setup["trials"][config["trial"]])

@@ -14,14 +14,10 @@ import pytest
 import yaml
 
 from pipeline.config import load_job_config
-from pipeline.train.driver import (
-    LAUNCHER_CONFIG,
-    autoscaler_max_resources,
-    autoscaling_config_max,
-    check_resources,
-)
+from pipeline.ray_session import LAUNCHER_CONFIG, autoscaler_max_resources, autoscaling_config_max
+from pipeline.train.driver import check_resources
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "infra" / "launcher" / "aws-gpu.yaml"
 RAYCLUSTER = REPO / "infra" / "k8s" / "ray" / "raycluster.yaml"
 

@@ -108,7 +108,7 @@ def test_eval_options_are_checked_and_help_shows_defaults(
 def _fake_job_dir(job_dir: Path, aps: dict[int, float]) -> None:
     import json
 
-    from pipeline.train.checkpoints import STATE_FILE
+    from pipeline.state_file import STATE_FILE
 
     for step, ap in aps.items():
         d = job_dir / f"step-{step:08d}"
@@ -120,12 +120,12 @@ def _fake_job_dir(job_dir: Path, aps: dict[int, float]) -> None:
 def test_eval_takes_a_job_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipeline.train.driver as driver
+    from pipeline.evaluate import job
 
     job_dir = tmp_path / "job"
     _fake_job_dir(job_dir, {150: 0.30, 300: 0.25, 450: 0.20})
     taken: list[str] = []
-    monkeypatch.setattr(driver, "run_eval", lambda ckpt, *_, **__: taken.append(ckpt) or {})
+    monkeypatch.setattr(job, "run_eval_job", lambda ckpt, *_, **__: taken.append(ckpt) or {})
     assert main(["eval", "--checkpoint", str(job_dir), "--data", str(tmp_path)]) == 0
     assert main(["eval", "--checkpoint", str(job_dir), "--best", "--data", str(tmp_path)]) == 0
     assert taken == [str(job_dir / "step-00000450"), str(job_dir / "step-00000150")]
@@ -180,7 +180,7 @@ def trained_job(shards: dict[str, Path], tmp_path: Path) -> Path:
     """A job directory with one checkpoint of the tiny model, as `panet train` leaves it."""
     from panet_model import build_panet
     from pipeline.config import load_job_config, parse_set
-    from pipeline.train.checkpoints import save_state
+    from pipeline.state_file import save_state
     from pipeline.train.driver import preflight
     from pipeline.train.resume import write_job_record
 
@@ -235,7 +235,7 @@ def test_a_job_never_resumes_on_other_data(
         assert "other shards (manifest fingerprint ffffffffffff" in err and "--new-name" in err
     (trained_job / JOB_RECORD).write_text(json.dumps(record))
     # Other class names: the validation shards' categories stand in for another data set.
-    from pipeline.train.checkpoints import load_state, save_state
+    from pipeline.state_file import load_state, save_state
 
     step = trained_job / "step-00000002"
     state = load_state(step)

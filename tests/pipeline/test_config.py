@@ -142,7 +142,7 @@ def test_resuming_a_job_of_another_model_fails_before_ray(tmp_path: Path) -> Non
     """A job directory whose checkpoint no longer fits the model is named, with what changed."""
     from panet_model import build_panet
     from pipeline.demo import ensure_shards
-    from pipeline.train.checkpoints import save_state
+    from pipeline.state_file import save_state
     from pipeline.train.driver import preflight
 
     shards = {
@@ -208,7 +208,7 @@ def test_a_finished_job_is_answered_from_its_run_directory(
 
 
 def test_decode_options_come_from_the_resolved_config() -> None:
-    from pipeline.train.driver import decode_options
+    from pipeline.config import decode_options
 
     job = load_job_config(
         REPO / "jobs/configs/tiny_synth.yaml", {"data.train": "a", "data.val": "b"}
@@ -223,7 +223,7 @@ def test_decode_options_come_from_the_resolved_config() -> None:
 
 
 def test_worker_env_sizes_the_onednn_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.train.driver import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, worker_env
+    from pipeline.ray_session import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, worker_env
 
     monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
     env = worker_env()["env_vars"]

@@ -87,7 +87,7 @@ def test_a_gpu_sweep_is_sized_by_the_autoscaler_limits_in_the_gcs(cluster, tmp_p
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 
-    from pipeline.train.driver import autoscaler_max_resources
+    from pipeline.ray_session import autoscaler_max_resources
     from pipeline.tune.runner import concurrency, prepare
     from pipeline.tune.sweep import base_job, expand, load_sweep
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train.failures import FAILED_FILE, clear_failure, raise_failure, setup_or_none
+from pipeline.failures import FAILED_FILE, clear_failure, raise_failure, setup_or_none
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
 
 

@@ -19,7 +19,7 @@ from pipeline.demo import ensure_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
 NOISE = (
     "Token authentication is enabled",  # Ray's notice on a new local instance

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.train.local_ray import MIN_WORKERS_SOFT_LIMIT, local_ray_env
+from pipeline.ray_session import MIN_WORKERS_SOFT_LIMIT, local_ray_env
 
 SOFT_LIMIT = "RAY_num_workers_soft_limit"
 

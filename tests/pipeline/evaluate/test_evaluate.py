@@ -1,4 +1,5 @@
-"""Tests for `pipeline.evaluate`: ground truth from shards, result conversion, COCOeval, gathering.
+"""`pipeline.evaluate`'s scoring and distributed evaluation: ground truth from shards, result
+conversion, COCOeval, gathering.
 
 The ground truth is a real shard directory (synthetic COCO scenes through the COCO converter),
 edited so that it has an image without any annotation and a crowd region. "Perfect" predictions
@@ -31,16 +32,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor, nn
 
-from pipeline.evaluate import (
+from pipeline.evaluate.distributed import evaluate, gather, gather_group, infer
+from pipeline.evaluate.scoring import (
     METRIC_NAMES,
-    coco_evaluate,
     coco_ground_truth,
-    evaluate,
-    evaluate_model,
     format_metrics,
-    gather_group,
-    gather_results,
     predictions_to_coco,
+    score,
 )
 
 SEED = 3  # this seed's six scenes hold crowd regions and objects of all three COCO sizes
@@ -232,12 +230,12 @@ def test_predictions_to_coco_errors() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# coco_evaluate
+# score
 
 
 def test_perfect_predictions_score_one(gt: COCO) -> None:
     results = _gt_results(gt)
-    metrics = coco_evaluate(gt, results)
+    metrics = score(gt, results)
     assert sorted(metrics) == sorted(KEYS)
     for t in ("bbox", "segm"):
         for m in ("AP", "AP50", "AP75"):
@@ -247,22 +245,22 @@ def test_perfect_predictions_score_one(gt: COCO) -> None:
     # A detection on a crowd region is matched to it and ignored, not counted as a false positive.
     with_crowd = _gt_results(gt, crowd=True)
     assert len(with_crowd) > len(results)
-    assert coco_evaluate(gt, with_crowd) == pytest.approx(metrics, nan_ok=True)
-    assert results == _gt_results(gt)  # coco_evaluate did not write into the results
+    assert score(gt, with_crowd) == pytest.approx(metrics, nan_ok=True)
+    assert results == _gt_results(gt)  # score did not write into the results
 
 
 def test_worse_predictions_score_lower(gt: COCO) -> None:
-    perfect = coco_evaluate(gt, _gt_results(gt))
+    perfect = score(gt, _gt_results(gt))
     n_classes = len(gt.dataset["categories"])
-    shifted = coco_evaluate(gt, _gt_results(gt, shift=3))
-    wrong = coco_evaluate(gt, _gt_results(gt, relabel=lambda label: label % n_classes + 1))
+    shifted = score(gt, _gt_results(gt, shift=3))
+    wrong = score(gt, _gt_results(gt, relabel=lambda label: label % n_classes + 1))
     image_ids = sorted(gt.getImgIds())
     # Missing all predictions of an image with GT: its objects count as misses.
-    partial = coco_evaluate(gt, _gt_results(gt, image_ids[:-1]))
+    partial = score(gt, _gt_results(gt, image_ids[:-1]))
     # A confident false positive on the image without GT counts too.
     empty_image = next(i for i in image_ids if not gt.getAnnIds(imgIds=[i]))
     spurious = _moved(gt, _gt_results(gt, [image_ids[-1]])[0], empty_image)
-    fp = coco_evaluate(gt, _gt_results(gt) + [spurious])
+    fp = score(gt, _gt_results(gt) + [spurious])
     for t in ("bbox", "segm"):
         assert shifted[f"{t}/AP75"] < perfect[f"{t}/AP75"]
         assert shifted[f"{t}/AP"] < perfect[f"{t}/AP"]
@@ -283,8 +281,8 @@ def _moved(gt: COCO, result: dict[str, Any], image_id: int) -> dict[str, Any]:
 
 
 def test_no_predictions_give_zeros(gt: COCO) -> None:
-    perfect = coco_evaluate(gt, _gt_results(gt))
-    metrics = coco_evaluate(gt, [])
+    perfect = score(gt, _gt_results(gt))
+    metrics = score(gt, [])
     assert sorted(metrics) == sorted(KEYS)
     for key, value in metrics.items():
         # 0 wherever there is GT to miss; NaN exactly where there is none (as with results).
@@ -315,7 +313,7 @@ def test_size_range_without_gt_is_nan() -> None:
         "masks": torch.from_numpy(mask)[None, None].float(),
     }
     for results, value in ((predictions_to_coco([output], [1], {1: 4}), 1.0), ([], 0.0)):
-        metrics = coco_evaluate(gt, results)
+        metrics = score(gt, results)
         for t in ("bbox", "segm"):
             got = [metrics[f"{t}/{m}"] for m in ("AP", "AP50", "AP75", "APs")]
             assert got == pytest.approx([value] * 4)
@@ -325,26 +323,26 @@ def test_size_range_without_gt_is_nan() -> None:
 
 def test_only_requested_types_and_quiet(gt: COCO, capsys: pytest.CaptureFixture[str]) -> None:
     results = _gt_results(gt, sorted(gt.getImgIds())[:3])
-    metrics = coco_evaluate(gt, results, iou_types=("bbox",))
+    metrics = score(gt, results, iou_types=("bbox",))
     assert sorted(metrics) == [f"bbox/{m}" for m in sorted(METRIC_NAMES)]
     assert capsys.readouterr().out == ""
-    coco_evaluate(gt, results, iou_types=("segm",), verbose=True)
+    score(gt, results, iou_types=("segm",), verbose=True)
     assert "Average Precision" in capsys.readouterr().out
     with pytest.raises(ValueError, match="keypoints"):
-        coco_evaluate(gt, results, iou_types=("keypoints",))
+        score(gt, results, iou_types=("keypoints",))
 
 
 def test_bad_results_raise(gt: COCO) -> None:
     (result, *_) = _gt_results(gt, [sorted(gt.getImgIds())[-1]])
     with pytest.raises(ValueError, match="image_id 999999"):
-        coco_evaluate(gt, [dict(result, image_id=999999)])
+        score(gt, [dict(result, image_id=999999)])
     small = mask_utils.encode(np.ones((4, 4, 1), np.uint8, order="F"))[0]
     with pytest.raises(ValueError, match="original size"):
-        coco_evaluate(gt, [dict(result, segmentation=small)])
+        score(gt, [dict(result, segmentation=small)])
     no_mask = {k: v for k, v in result.items() if k != "segmentation"}
     with pytest.raises(ValueError, match="needs a mask"):
-        coco_evaluate(gt, [no_mask])
-    assert coco_evaluate(gt, [no_mask], iou_types=("bbox",))["bbox/AP"] > 0
+        score(gt, [no_mask])
+    assert score(gt, [no_mask], iou_types=("bbox",))["bbox/AP"] > 0
 
 
 def test_format_metrics() -> None:
@@ -361,7 +359,7 @@ def test_format_metrics() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluate_model with a real (untrained) model
+# infer with a real (untrained) model
 
 
 def _decoded_batches(shard_dir: Path, batch_size: int) -> list[tuple[list[Tensor], list[dict]]]:
@@ -382,7 +380,7 @@ def _decoded_batches(shard_dir: Path, batch_size: int) -> list[tuple[list[Tensor
     ]
 
 
-def test_evaluate_model_with_tiny_panet(shard_dir: Path, gt: COCO) -> None:
+def test_infer_with_tiny_panet(shard_dir: Path, gt: COCO) -> None:
     from panet_model import PANetConfig, build_panet
 
     torch.manual_seed(0)
@@ -394,7 +392,7 @@ def test_evaluate_model_with_tiny_panet(shard_dir: Path, gt: COCO) -> None:
     model = build_panet(cfg, num_classes=len(inverse) + 1)
     model.train()
     batches = _decoded_batches(shard_dir, batch_size=2)[:1]  # 2 images: format, not accuracy
-    results = evaluate_model(model, batches, inverse, "cpu")
+    results = infer(model, batches, inverse, "cpu")
     assert model.training  # given back in the mode it came in
     assert results, "an untrained model still outputs low-score detections"
     sizes = {int(t["image_id"]): img.shape[1:] for imgs, ts in batches for img, t in zip(imgs, ts)}
@@ -406,7 +404,7 @@ def test_evaluate_model_with_tiny_panet(shard_dir: Path, gt: COCO) -> None:
         assert 0.0 <= r["score"] <= 1.0
         assert tuple(r["segmentation"]["size"]) == tuple(sizes[r["image_id"]])
         assert mask_utils.decode(r["segmentation"]).shape == tuple(sizes[r["image_id"]])
-    metrics = coco_evaluate(gt, results)  # sizes and ids fit the ground truth
+    metrics = score(gt, results)  # sizes and ids fit the ground truth
     assert sorted(metrics) == sorted(KEYS)
     assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in metrics.values())
 
@@ -419,7 +417,7 @@ def test_evaluate_single_process(gt: COCO) -> None:
         ([torch.full((3, 2, 2), float(i))], [{"image_id": torch.tensor(i)}]) for i in image_ids
     ]
     metrics = evaluate(model, batches, gt, _label_maps(gt)[1], "cpu")
-    assert metrics == pytest.approx(coco_evaluate(gt, _gt_results(gt)), nan_ok=True)
+    assert metrics == pytest.approx(score(gt, _gt_results(gt)), nan_ok=True)
     assert metrics is not None and metrics["bbox/AP"] == pytest.approx(1.0)
     assert model.training
     with pytest.raises(ValueError, match="ground truth"):
@@ -427,7 +425,7 @@ def test_evaluate_single_process(gt: COCO) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed: gather_results and evaluate over 2 gloo processes
+# Distributed: gather and evaluate over 2 gloo processes
 
 
 class _ReplayModel(nn.Module):
@@ -458,15 +456,15 @@ def _dist_worker(rank: int, port: int, shard_dir: str, out_dir: str) -> None:
     try:
         # Disjoint image ids: rank 0 gets the union.
         mine = [{"image_id": 10 * rank + i, "score": float(rank)} for i in range(3)]
-        seen["disjoint"] = gather_results(mine)
+        seen["disjoint"] = gather(mine)
         # An image evaluated on both ranks: every rank raises.
         try:
-            gather_results([{"image_id": 5, "rank": rank}, {"image_id": 100 + rank}])
+            gather([{"image_id": 5, "rank": rank}, {"image_id": 100 + rank}])
             seen["overlap"] = "no error"
         except ValueError as e:
             seen["overlap"] = str(e)
         # A rank without any result still takes part.
-        seen["empty"] = gather_results([] if rank else [{"image_id": 1}])
+        seen["empty"] = gather([] if rank else [{"image_id": 1}])
         # The whole composition on perfect outputs, rank 1 without any eval batch (a small eval
         # set on many workers), through a DDP-wrapped model: DDP's first forward after
         # construction or a training step broadcasts buffers, which rank 1 would never join.
@@ -479,7 +477,7 @@ def _dist_worker(rank: int, port: int, shard_dir: str, out_dir: str) -> None:
         batches = [(images[i : i + 2], targets[i : i + 2]) for i in range(0, len(images), 2)]
         gt_arg = gt if rank == 0 else None
         seen["evaluate"] = evaluate(model, batches, gt_arg, _label_maps(gt)[1], "cpu")
-        seen["perfect"] = coco_evaluate(gt, _gt_results(gt)) if rank == 0 else None
+        seen["perfect"] = score(gt, _gt_results(gt)) if rank == 0 else None
         seen["gather_group"] = _gather_group_reuse(mine)
         # Tear down together: a rank that destroyed its group and exited while the other was
         # still scoring aborted at exit in gloo ("terminate called without an active exception").
@@ -508,7 +506,7 @@ def _gather_group_reuse(mine: list[dict[str, Any]]) -> dict[str, Any]:
     dist.get_backend = lambda group=None: "nccl"  # type: ignore[assignment]
     try:
         first = gather_group()  # at worker start
-        gathered = [gather_results(mine) for _ in range(3)]  # three evaluations
+        gathered = [gather(mine) for _ in range(3)]  # three evaluations
         return {**calls, "kept": gather_group() is first, "gathered": gathered}
     finally:
         for name, fn in real.items():
@@ -545,10 +543,10 @@ def dist_seen(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list
 
 def test_gather_without_distributed_is_identity() -> None:
     results = [{"image_id": 1}]
-    assert gather_results(results) is results
+    assert gather(results) is results
 
 
-def test_gather_results_two_ranks(dist_seen: list[dict[str, Any]]) -> None:
+def test_gather_two_ranks(dist_seen: list[dict[str, Any]]) -> None:
     rank0, rank1 = dist_seen
     assert rank0["disjoint"] == [
         {"image_id": 10 * r + i, "score": float(r)} for r in range(WORLD_SIZE) for i in range(3)
@@ -557,7 +555,7 @@ def test_gather_results_two_ranks(dist_seen: list[dict[str, Any]]) -> None:
     assert rank0["empty"] == [{"image_id": 1}] and rank1["empty"] is None
 
 
-def test_gather_results_overlap_raises_on_every_rank(dist_seen: list[dict[str, Any]]) -> None:
+def test_gather_overlap_raises_on_every_rank(dist_seen: list[dict[str, Any]]) -> None:
     for s in dist_seen:
         assert "image_id 5" in s["overlap"] and "ranks 0 and 1" in s["overlap"]
 

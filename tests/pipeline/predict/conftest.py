@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from panet_model import PANetConfig, build_panet
-from pipeline.train.checkpoints import save_state
+from pipeline.state_file import save_state
 
 CATEGORIES = {1: "rectangle", 2: "ellipse", 3: "triangle"}  # ids as a data set may have them
 # The synthetic set of the trained fixtures.

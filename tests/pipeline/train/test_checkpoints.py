@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pipeline.config import load_job_config
+from pipeline.state_file import load_state, save_state
 from pipeline.train import checkpoints
-from pipeline.train.checkpoints import load_state, restore_training_state, rng_state, save_state
+from pipeline.train.checkpoints import restore_training_state, rng_state
 from pipeline.train.loop import build_training
 
 NUM_CLASSES = 3

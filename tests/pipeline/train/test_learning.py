@@ -24,7 +24,7 @@ import ray
 from pipeline.cli import main as cli_main
 from pipeline.config import load_job_config
 from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, VAL_IMAGES, VAL_SEED, ensure_shards
-from pipeline.evaluate import IOU_TYPES, METRIC_NAMES
+from pipeline.evaluate.scoring import IOU_TYPES, METRIC_NAMES
 from pipeline.train.driver import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

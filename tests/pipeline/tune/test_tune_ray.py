@@ -25,7 +25,8 @@ import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.tune.runner import prepare, run_sweep, start_local_ray
+from pipeline.ray_session import start_local
+from pipeline.tune.runner import prepare, run_sweep
 from pipeline.tune.sweep import base_job, expand, load_sweep
 from tests.mlflow_server import mlflow_server
 
@@ -49,7 +50,7 @@ BUDGET = {  # a tiny trial: 6 steps of 128-160 px images, evaluated every 2 step
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """One local Ray instance for every sweep of the module, with the dashboard (state API)."""
-    start_local_ray(num_cpus=4)
+    start_local(4, state_api=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
