@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
@@ -262,24 +261,6 @@ def _local_gpus() -> float:
     return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=_repo_root(),
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def versions() -> dict[str, str]:
     import mlflow
     import ray
@@ -303,9 +284,10 @@ def open_run(
 ) -> tuple[str, str]:
     """The job's MLflow run: created once, then resumed by every re-run of the same job name.
 
-    The run id lives in `<storage>/<name>/mlflow_run.json` (and in every checkpoint), so a
-    resumed or restarted job logs into the same run and never creates a duplicate. The run
-    records its source (entry point, git commit) and its train and val shards as datasets.
+    The run id lives in `<storage>/<name>/mlflow_run.json` (`tracking.open_run`, and in every
+    checkpoint), so a resumed or restarted job logs into the same run and never creates a
+    duplicate. The run records its source (entry point, git commit) and its train and val
+    shards as datasets.
 
     Args:
         job: the job.
@@ -320,13 +302,16 @@ def open_run(
 
     job.run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
-    record = job.run_dir / RUN_RECORD
-    previous = json.loads(record.read_text()) if record.is_file() else {}
-    run_id = previous.get("run_id") if previous.get("tracking_uri") == uri else None
-    commit = git_commit()
-    run_tags = {"job": job.name, **tracking.source_tags(entry_point, commit), **(tags or {})}
-    run_id = tracking.start_or_resume_run(uri, job.tracking.experiment, job.name, run_id, run_tags)
-    record.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    commit = tracking.git_commit()
+    run_id = tracking.open_run(
+        job.run_dir / RUN_RECORD,
+        uri,
+        job.tracking.experiment,
+        job.name,
+        {"job": job.name, **(tags or {})},
+        entry_point,
+        commit,
+    )
     tracking.log_dataset_inputs(uri, run_id, dataset_inputs(job, plan))
     params: dict[str, Any] = dict(job.flat())
     params.update(versions())
