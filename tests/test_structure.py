@@ -1,4 +1,4 @@
-"""The package's shape: no import cycles, no module over ~500 lines.
+"""The package's shape: no import cycle in pipeline/, no module over ~500 lines in the checked parts.
 
 The import graph is read from the source with `ast` (no module is imported): an edge A -> B for
 every `import B` / `from B import x` in A, wherever it stands (inside functions too, since a
@@ -14,9 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 500
-# Packages whose modules must form no cycle and stay under MAX_LINES. The rest of pipeline/ is
-# being restructured in parallel (train/, tune/, cli.py <-> submit.py); they join this list when
-# they pass.
+# Packages whose modules must stay under MAX_LINES; the rest of pipeline/ joins this list once its
+# modules are split (train/loop.py is over). Import cycles are checked in all of pipeline/.
 CHECKED = ("pipeline.data", "pipeline.tracking")
 # Modules of the checked packages known to be over MAX_LINES: a new one fails the test, and one
 # that is split must leave this list.
@@ -118,14 +117,12 @@ def test_the_graph_sees_imports_of_every_kind() -> None:
     assert "pipeline.data.manifest" in graph["pipeline.data.reader"]  # at the top
     assert "pipeline.data.inspect" in graph["pipeline.data.cli"]  # inside a function
     assert "pipeline.tracking.store" in graph["pipeline.tracking.runs"]
-    assert "pipeline.tracking" in graph["pipeline.train.loop"]  # `from pipeline import tracking`
+    assert "pipeline.tracking" in graph["pipeline.tracking.samples"]  # `from pipeline import x`
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_no_import_cycle_in_the_checked_packages() -> None:
-    graph = import_graph()
-    involved = [c for c in cycles(graph) if any(_checked(m) for m in c)]
-    assert involved == []
+def test_no_import_cycle() -> None:
+    assert cycles(import_graph()) == []
 
 
 def test_no_long_module_in_the_checked_packages() -> None:
