@@ -38,9 +38,9 @@ def render(checkpoint: Path, data: Path, images: int, out: Path) -> Path:
     import torch
 
     from panet_model import build_panet
-    from pipeline.cli import pick_checkpoint
     from pipeline.data.manifest import load_manifest
     from pipeline.data.reader import inverse_label_map
+    from pipeline.evaluate.job import pick_checkpoint
     from pipeline.state_file import load_state, model_config
     from pipeline.tracking.pictures import prediction_figure
     from pipeline.tracking.samples import predict, read_samples
