@@ -211,7 +211,7 @@ def augment_chunk(records: Records, n: int, aug: Any) -> tuple[Timed, list[dict]
 
 
 class Trainer:
-    """One training worker's step: forward, backward, clip, SGD (as `train_loop.train_step`)."""
+    """One training worker's step: forward, backward, clip, SGD (as `step.train_step`)."""
 
     def __init__(self, cfg: Any, num_classes: int, threads: int) -> None:
         self.threads = threads

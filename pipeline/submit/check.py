@@ -171,7 +171,7 @@ def _check_train(args: argparse.Namespace, parsed: argparse.Namespace) -> str:
     if not parsed.dry_run:  # a dry run on the cluster writes nothing
         _check_cluster_config(config, parsed.set)
     if not args.no_data_check:
-        from pipeline.train.driver import preflight
+        from pipeline.train.preflight import preflight
 
         try:
             plan = preflight(job)

@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print(f"[panet] training a new job: {renamed.name!r}", flush=True)
             job = renamed
         if args.dry_run:
-            from pipeline.train.driver import preflight
+            from pipeline.train.preflight import preflight
             from pipeline.train.resume import describe
 
             plan = preflight(job, allow_changes=args.resume)

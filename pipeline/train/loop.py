@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,8 +18,7 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from panet_model import build_panet
 from pipeline import tracking
@@ -38,32 +36,9 @@ from pipeline.quiet import quiet_worker
 from pipeline.state_file import load_state, save_state
 from pipeline.train.checkpoints import restore_training_state, rng_state
 from pipeline.train.elastic import group_steps, micro_batches, record_world
+from pipeline.train.progress import Progress
 from pipeline.train.solver import build_optimizer, build_scheduler
 from pipeline.train.step import Batch, StepResult, train_step, world
-
-
-@dataclass
-class Window:
-    """Throughput and loss accumulators between two progress lines.
-
-    Loss terms are summed on their device and read once per progress line: a `float()` per
-    term and step would wait for the device every step.
-    """
-
-    start: float = field(default_factory=time.perf_counter)
-    images: int = 0
-    data_wait: float = 0.0
-    steps: int = 0
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    lr: float = math.nan  # the learning rate of the window's last step
-
-    def add(self, loss_dict: dict[str, Tensor], images: int, data_wait: float) -> None:
-        self.steps += 1
-        self.images += images
-        self.data_wait += data_wait
-        for k, v in loss_dict.items():
-            v = v.detach().to(torch.float64)
-            self.losses[k] = self.losses[k] + v if k in self.losses else v
 
 
 @dataclass(frozen=True)
@@ -97,26 +72,10 @@ class LoopState:
     step: int  # optimizer steps done
     metrics: dict[str, float]  # the last evaluation's (rank 0), saved with every checkpoint
     evaluated_at: int = -1  # the step of the last evaluation
-    train_loss: float = math.nan  # the loss of the last progress line (rank 0)
-    bad_steps: int = 0  # steps skipped because a loss was not finite
-    window: Window = field(default_factory=Window)
-    stats: ReaderStats = field(default_factory=ReaderStats)
-    # Where this run of the loop started: the ETA uses its rate, not a resumed job's.
-    start: float = field(default_factory=time.perf_counter)
-    start_step: int = field(init=False)
+    progress: Progress = field(init=False)  # the progress lines since this run started
 
     def __post_init__(self) -> None:
-        self.start_step = self.step
-
-
-def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    """Mean over ranks of a few floats, in one collective."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    _, size = world()
-    if size > 1:
-        dist.all_reduce(t)
-        t /= size
-    return t.tolist()
+        self.progress = Progress(start_step=self.step)
 
 
 def log_pictures(model: nn.Module, setup: WorkerSetup, step: int, device: torch.device) -> None:
@@ -145,7 +104,7 @@ def save_checkpoint(training: Training, setup: WorkerSetup, state: LoopState) ->
     report = {"step": step, "segm_AP": -1.0, "bbox_AP": -1.0, **flat_metrics(metrics)}
     # 1.0 when the metrics come from an evaluation at this very step (Tune compares only those).
     report["fresh_eval"] = float(state.evaluated_at == step)
-    report["train_loss"] = state.train_loss
+    report["train_loss"] = state.progress.train_loss
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -342,7 +301,7 @@ def epoch_steps(
         train_shard,
         job.local_batch_size,
         n * count,
-        state.stats,
+        state.progress.stats,
         group_window=job.data.group_window,
         seed=(job.seed, step // per_epoch, world()[0]),
         image_dtype=torch.uint8,
@@ -354,15 +313,16 @@ def count_step(
     result: StepResult, job: JobConfig, state: LoopState, data_wait: float, world_size: int
 ) -> None:
     """Add a step to the progress window, or count it as bad: too many stop the job."""
-    state.window.lr = result.lr
+    progress = state.progress
+    progress.window.lr = result.lr
     if result.bad is None:
-        state.window.add(result.losses, result.images * world_size, data_wait)
+        progress.window.add(result.losses, result.images * world_size, data_wait)
         return
-    state.bad_steps += 1
-    if state.bad_steps > job.solver.max_bad_steps:
+    progress.bad_steps += 1
+    if progress.bad_steps > job.solver.max_bad_steps:
         raise FloatingPointError(
             f"step {state.step}: loss is not finite ({result.bad}); stopped after "
-            f"{state.bad_steps} bad step(s) (solver.max_bad_steps={job.solver.max_bad_steps}). "
+            f"{progress.bad_steps} bad step(s) (solver.max_bad_steps={job.solver.max_bad_steps}). "
             "Lower solver.base_lr or set solver.clip_grad_norm."
         )
     if world()[0] == 0:
@@ -379,8 +339,7 @@ def on_schedule(
     job, step = setup.job, state.step
     last = step == job.solver.max_steps
     if step % job.log_every == 0 or last:
-        log_progress(setup, state, device)
-        state.window = Window()
+        state.progress.log(job, (setup.tracking_uri, setup.run_id), step, device)
     if (job.eval.every_steps and step % job.eval.every_steps == 0) or last:
         state.metrics = evaluate_and_log(training.model, setup, step, device) or state.metrics
         state.evaluated_at = step
@@ -458,70 +417,3 @@ def evaluate_and_log(
     tracking.log_metrics(setup.tracking_uri, setup.run_id, metrics, step)
     log_pictures(unwrap(model), setup, step, device)
     return metrics
-
-
-def log_progress(setup: WorkerSetup, state: LoopState, device: torch.device) -> None:
-    """Average the window over ranks; rank 0 prints a progress line and logs to MLflow."""
-    job, window, step = setup.job, state.window, state.step
-    elapsed = max(time.perf_counter() - window.start, 1e-9)
-    names = sorted(window.losses)
-    steps = max(window.steps, 1)
-    values = [float(window.losses[k]) / steps for k in names] + [window.data_wait / elapsed]
-    averaged = all_reduce_mean(values, device)
-    losses = dict(zip(names, averaged[: len(names)]))
-    data_wait_fraction = averaged[-1]
-    if world()[0] != 0:
-        return
-    lr = window.lr
-    images_per_s = window.images / elapsed
-    total = sum(losses.values())
-    state.train_loss = total
-    rate = (step - state.start_step) / max(time.perf_counter() - state.start, 1e-9)
-    eta = (job.solver.max_steps - step) / rate if rate > 0 else math.inf
-    terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in losses.items())
-    print(
-        f"[train] step {step}/{job.solver.max_steps} | loss {total:.3f} ({terms}) | lr {lr:.5f} "
-        f"| {images_per_s:.1f} img/s | data wait {100 * data_wait_fraction:.0f}% "
-        f"| ETA {_duration(eta)}",
-        flush=True,
-    )
-    metrics = {f"train/{k}": v for k, v in losses.items()}
-    metrics.update(
-        {
-            "train/loss": total,
-            "train/lr": lr,
-            "train/images_per_s": images_per_s,
-            "train/data_wait_fraction": data_wait_fraction,
-            "train/bad_steps": state.bad_steps,
-        }
-    )
-    metrics.update({f"data/{k}": v for k, v in state.stats.as_dict().items()})
-    metrics.update({f"host/{k}": v for k, v in host_memory().items()})
-    tracking.log_metrics(setup.tracking_uri, setup.run_id, metrics, step)
-
-
-def host_memory() -> dict[str, float]:
-    """This process's resident memory in GB from /proc/self/status; {} where there is none.
-
-    `rss_anon_gb` is the process's own heap; `rss_shmem_gb` counts pages of shared memory it
-    touched (Ray's object store), which the kernel reports as resident in every reader.
-    """
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return {}
-    fields = {"RssAnon": "rss_anon_gb", "RssFile": "rss_file_gb", "RssShmem": "rss_shmem_gb"}
-    memory = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in fields:
-            memory[fields[key]] = int(value.split()[0]) / 2**20  # kB -> GB
-    return memory
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

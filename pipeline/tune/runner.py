@@ -120,7 +120,7 @@ def concurrency(
 
     An autoscaling cluster may hold nothing yet (KubeRay and the cluster launcher start their
     worker groups at zero): it is counted at the size its autoscaler can grow to, and trials
-    beyond what it holds now wait for the nodes it adds, as `driver.warn_if_short_now` says.
+    beyond what it holds now wait for the nodes it adds, as `preflight.warn_if_short_now` says.
 
     Args:
         p: the sweep.
@@ -428,7 +428,7 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         "sweep_dir", "elapsed_s"}.
     """
     from pipeline.ray_session import autoscaler_max_resources
-    from pipeline.train.driver import preflight
+    from pipeline.train.preflight import preflight
 
     t0 = time.perf_counter()
     for job in p.jobs:

@@ -30,7 +30,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """
     from pipeline import tracking
     from pipeline.quiet import quiet_driver
-    from pipeline.train.driver import build_trainer, open_run, preflight
+    from pipeline.train.driver import build_trainer, open_run
+    from pipeline.train.preflight import preflight
 
     quiet_driver()  # the trial's process drives its Train run
     trial = Trial(**setup["trials"][config["trial"]])

@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.config import load_job_config
 from pipeline.ray_session import LAUNCHER_CONFIG, autoscaler_max_resources, autoscaling_config_max
-from pipeline.train.driver import check_resources
+from pipeline.train.preflight import check_resources
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "infra" / "launcher" / "aws-gpu.yaml"

@@ -181,7 +181,7 @@ def trained_job(shards: dict[str, Path], tmp_path: Path) -> Path:
     from panet_model import build_panet
     from pipeline.config import load_job_config, parse_set
     from pipeline.state_file import save_state
-    from pipeline.train.driver import preflight
+    from pipeline.train.preflight import preflight
     from pipeline.train.resume import write_job_record
 
     args = train_args(shards, tmp_path)

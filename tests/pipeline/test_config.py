@@ -143,7 +143,7 @@ def test_resuming_a_job_of_another_model_fails_before_ray(tmp_path: Path) -> Non
     from panet_model import build_panet
     from pipeline.demo import ensure_shards
     from pipeline.state_file import save_state
-    from pipeline.train.driver import preflight
+    from pipeline.train.preflight import preflight
 
     shards = {
         s: ensure_shards(tmp_path / "raw", tmp_path / "shards", s, 4, i)

@@ -49,7 +49,7 @@ def gpu_job(shards: dict[str, Path], storage: Path, workers: int):
 @ray.remote(num_cpus=0)
 def checks_in_a_task(job, autoscaler_max) -> dict[str, str]:
     """The resource checks as a Tune trial's process runs them, on a node of the cluster."""
-    from pipeline.train.driver import check_resources, preflight
+    from pipeline.train.preflight import check_resources, preflight
 
     os.environ.pop("RAY_ADDRESS", None)  # a trial's actor under `ray up` has none
     out = {}

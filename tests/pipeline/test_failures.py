@@ -52,7 +52,7 @@ def test_a_missing_weights_file_fails_once_not_per_retry(
 
     from pipeline.config import load_job_config
     from pipeline.demo import ensure_shards
-    from pipeline.train import driver
+    from pipeline.train import driver, preflight
 
     sets = {
         "name": "no-weights",
@@ -65,7 +65,7 @@ def test_a_missing_weights_file_fails_once_not_per_retry(
         "ray.max_failures": 3,
     }
     job = load_job_config(CONFIG, sets)
-    monkeypatch.setattr(driver, "check_weights", lambda *_: None)
+    monkeypatch.setattr(preflight, "check_weights", lambda *_: None)
     ray.init(num_cpus=3)
     try:
         with pytest.raises(ValueError, match=r"^weights file .*gone\.pth' does not exist$"):

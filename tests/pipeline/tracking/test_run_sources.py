@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import load_job_config
 from pipeline.demo import ensure_shards
 from pipeline.tracking import git_commit
-from pipeline.train.driver import open_run, preflight
+from pipeline.train.driver import open_run
+from pipeline.train.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from pipeline.config import load_job_config
 from pipeline.data.collate import collate_train, to_float_image
 from pipeline.data.reader import in_background
-from pipeline.train import loop
+from pipeline.train import loop, progress
 from pipeline.train.elastic import micro_batches
 from pipeline.train.solver import build_optimizer, build_scheduler, lr_factor
 from pipeline.train.step import StepResult, to_device, train_step
@@ -46,7 +46,9 @@ def test_progress_shows_the_learning_rate_the_step_used(
     scheduler = build_scheduler(optimizer, j)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     logged: list[dict[str, float]] = []
-    monkeypatch.setattr(loop.tracking, "log_metrics", lambda uri, run, m, step: logged.append(m))
+    monkeypatch.setattr(
+        progress.tracking, "log_metrics", lambda uri, run, m, step: logged.append(m)
+    )
     setup = loop.WorkerSetup(j, 2, {1: "a"}, {1: 1}, 100, "unused", "unused")
     state = loop.LoopState(step=0, metrics={})
     batch = ([torch.full((3, 4, 4), 100, dtype=torch.uint8)], [{}])
@@ -54,9 +56,9 @@ def test_progress_shows_the_learning_rate_the_step_used(
         result = train_step(model, [batch], optimizer, scheduler, scaler, j, torch.device("cpu"))
         state.step += 1
         loop.count_step(result, j, state, 0.0, world_size=1)
-        assert result.bad is None and state.window.steps == 1
-        loop.log_progress(setup, state, torch.device("cpu"))
-        state.window = loop.Window()
+        assert result.bad is None and state.progress.window.steps == 1
+        state.progress.log(j, (setup.tracking_uri, setup.run_id), step, torch.device("cpu"))
+        assert state.progress.window.steps == 0  # a new window
         used = j.lr * lr_factor(step - 1, j)
         assert logged[-1]["train/lr"] == pytest.approx(used)
         assert f"| lr {used:.5f} |" in capsys.readouterr().out
@@ -92,14 +94,15 @@ def test_bad_steps_are_counted_and_too_many_stop_the_job(
     state = loop.LoopState(step=7, metrics={})
     bad = StepResult(losses={}, bad="loss_a=nan", lr=0.1, images=2)
     loop.count_step(bad, j, state, 0.0, world_size=1)
-    assert state.bad_steps == 1 and state.window.steps == 0 and state.window.lr == 0.1
+    window = state.progress.window
+    assert state.progress.bad_steps == 1 and window.steps == 0 and window.lr == 0.1
     assert "step 7: skipped, loss not finite (loss_a=nan)" in capsys.readouterr().out
     with pytest.raises(FloatingPointError, match=r"solver.max_bad_steps=1"):
         loop.count_step(bad, j, state, 0.0, world_size=1)
 
 
 def test_window_sums_loss_terms() -> None:
-    window = loop.Window()
+    window = progress.Window()
     for v in (1.0, 2.5):
         window.add({"loss_a": torch.tensor(v), "loss_b": torch.tensor(2 * v)}, 2, 0.5)
     assert {k: float(v) for k, v in window.losses.items()} == {"loss_a": 3.5, "loss_b": 7.0}
@@ -200,7 +203,7 @@ def test_bf16_check_does_not_count_emulated_bf16(monkeypatch: pytest.MonkeyPatch
         loop.check_amp_support("bf16", torch.device("cuda"))
 
 
-@pytest.mark.skipif(not loop.host_memory(), reason="needs /proc/self/status (Linux)")
+@pytest.mark.skipif(not progress.host_memory(), reason="needs /proc/self/status (Linux)")
 def test_release_host_memory_returns_a_threads_freed_heap() -> None:
     """Blocks a batch thread allocated and the training thread freed stay resident until trimmed."""
     survivors: list[list[Tensor]] = []
@@ -213,9 +216,9 @@ def test_release_host_memory_returns_a_threads_freed_heap() -> None:
     thread = threading.Thread(target=batch_thread)
     thread.start()
     thread.join()
-    before = loop.host_memory()["rss_anon_gb"]
+    before = progress.host_memory()["rss_anon_gb"]
     loop.release_host_memory()
-    after = loop.host_memory()["rss_anon_gb"]
+    after = progress.host_memory()["rss_anon_gb"]
     assert before - after > 0.03, (before, after)  # tens of MB back to the OS
 
 

@@ -166,7 +166,7 @@ def _gpu_job(**sets: Any) -> Any:
 
 
 def test_autoscaling_cluster_without_gpus_yet_is_a_warning() -> None:
-    from pipeline.train.driver import check_resources
+    from pipeline.train.preflight import check_resources
 
     job = _gpu_job()
     now = {"CPU": 4.0}  # the head only; the GPU group has min replicas 0

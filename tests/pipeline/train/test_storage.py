@@ -111,7 +111,7 @@ def test_convert_writes_shards_to_s3_and_inspect_reads_them(s3_shards, capsys) -
 
 
 def test_default_sqlite_store_is_refused_for_object_storage(s3_shards) -> None:
-    from pipeline.train.driver import preflight
+    from pipeline.train.preflight import preflight
 
     job = load_job_config(
         CONFIG,
