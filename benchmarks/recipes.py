@@ -5,7 +5,7 @@ trained from scratch for `--steps` steps in one process, without Ray: the same m
 augmentation (`augment_table`, seeded by epoch), batching (`iter_train_batches` with the
 config's `group_window`), optimizer, schedule and train step (`step.train_step`) as
 `panet train`, on the demo's 600 training images; scored with pycocotools on the 80 held-out
-validation images (`evaluate_model` + `coco_evaluate`) at each `--evals` step. Without
+validation images (`distributed.infer` + `scoring.score`) at each `--evals` step. Without
 Ray's start-up it turns a recipe question into minutes, not a job per point.
 
     python benchmarks/recipes.py --steps 200 --evals 100,200 \\

@@ -134,7 +134,8 @@ def test_train_resume_and_eval_on_s3(s3_shards, tmp_path_factory) -> None:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.driver import run_eval, run_training
+    from pipeline.evaluate.job import run_eval_job
+    from pipeline.train.driver import run_training
     from tests.mlflow_server import mlflow_server
 
     sets = {
@@ -166,7 +167,7 @@ def test_train_resume_and_eval_on_s3(s3_shards, tmp_path_factory) -> None:
             assert second["run_id"] == first["run_id"]
             history = MlflowClient(server).get_metric_history(first["run_id"], "train/loss")
             assert sorted(m.step for m in history) == [1, 2, 3, 4]
-            metrics = run_eval(second["checkpoint"], s3_shards["val"], 2, 2)
+            metrics = run_eval_job(second["checkpoint"], s3_shards["val"], 2, 2)
             assert len(metrics) == 12 and metrics == pytest.approx(second["metrics"])
     finally:
         ray.shutdown()
