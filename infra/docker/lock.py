@@ -104,11 +104,13 @@ def check(path: Path) -> list[str]:
     """Resolve the lock file as written: every pin must hold and nothing may be missing."""
     pins = read_pins(path)
     resolved = resolve(["-r", str(path)])
-    problems = [f"{path.name}: {n} resolves to {v}, pinned {pins.get(n)}" for n, v in
-                sorted(resolved.items()) if pins.get(n) != v]  # fmt: skip
-    return problems + [
-        f"{path.name}: {n} is pinned but not needed" for n in set(pins) - set(resolved)
+    problems = [
+        f"{path.name}: {name} resolves to {version}, pinned {pins.get(name)}"
+        for name, version in sorted(resolved.items())
+        if pins.get(name) != version
     ]
+    unused = sorted(set(pins) - set(resolved))
+    return problems + [f"{path.name}: {name} is pinned but not needed" for name in unused]
 
 
 def main(argv: list[str] | None = None) -> int:
