@@ -6,8 +6,8 @@
 
 Each worker predicts its share of the shards (each image once, `streaming_split(equal=False)`)
 and `distributed.evaluate` scores them on rank 0. The metrics, or a worker's setup error, come
-back through a Ray actor (`ResultBox`), not a file: rank 0 may run on another node than the
-driver.
+back through a Ray actor (`failures.ResultBox`), not a file: rank 0 may run on another node
+than the driver.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from pipeline import ray_session, storage
 from pipeline.config import decode_options
 from pipeline.data.manifest import load_manifest
+from pipeline.failures import result_box, take_answer
 from pipeline.state_file import STATE_FILE, load_state, model_config
 
 
@@ -98,7 +98,7 @@ def run_eval_job(
             )
     from pipeline.data.reader import inverse_label_map
 
-    results = ray.remote(num_cpus=0)(ResultBox).remote()
+    results = result_box()
     worker_config = {
         "checkpoint": checkpoint,
         "data": data,
@@ -110,10 +110,7 @@ def run_eval_job(
     with tempfile.TemporaryDirectory(prefix="panet-eval-") as run_storage:
         trainer = _trainer(worker_config, num_workers, use_gpu, run_storage, state["config"])
         trainer.fit()
-    answer = ray.get(results.get.remote())
-    ray.kill(results)
-    if "error" in answer:
-        raise ValueError(answer["error"])
+    answer = take_answer(results)  # raises a worker's setup error
     if "metrics" not in answer:
         raise RuntimeError("panet eval: the workers finished without reporting metrics")
     return {k: float(v) for k, v in answer["metrics"].items()}
@@ -164,19 +161,6 @@ def _trainer(
     )
 
 
-class ResultBox:
-    """A Ray actor the eval workers hand their result to: {"metrics": ...} or {"error": ...}."""
-
-    def __init__(self) -> None:
-        self._answer: dict[str, Any] = {}
-
-    def put(self, key: str, value: Any) -> None:
-        self._answer.setdefault(key, value)  # the first error wins
-
-    def get(self) -> dict[str, Any]:
-        return dict(self._answer)
-
-
 def eval_worker(config: dict[str, Any]) -> None:
     """`panet eval` on every worker: load the checkpoint, evaluate, hand the metrics back."""
     import ray
@@ -187,7 +171,7 @@ def eval_worker(config: dict[str, Any]) -> None:
     from pipeline.data.reader import iter_eval_batches
     from pipeline.evaluate.distributed import evaluate
     from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics
-    from pipeline.failures import FAILED_FILE, NON_RETRYABLE, setup_or_none
+    from pipeline.failures import setup_or_none
     from pipeline.quiet import quiet_worker
 
     quiet_worker()
@@ -196,18 +180,13 @@ def eval_worker(config: dict[str, Any]) -> None:
     results = config["results"]  # a `ResultBox` actor: rank 0 may be on another node
 
     def load_model() -> Any:
-        try:
-            state = load_state(config["checkpoint"])
-            cfg = model_config(state, config.get("model_overrides"))
-            model = build_panet(cfg, num_classes=int(state["num_classes"]))
-            model.load_state_dict(state["model"])
-            return model
-        except NON_RETRYABLE as err:
-            ray.get(results.put.remote("error", str(err)))
-            raise
+        state = load_state(config["checkpoint"])
+        cfg = model_config(state, config.get("model_overrides"))
+        model = build_panet(cfg, num_classes=int(state["num_classes"]))
+        model.load_state_dict(state["model"])
+        return model
 
-    with tempfile.TemporaryDirectory() as tmp:  # the error travels through `results`
-        model = setup_or_none(load_model, Path(tmp) / FAILED_FILE, device)
+    model = setup_or_none(load_model, results, device)
     if model is None:
         return
     model.to(device)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import ray_session, storage
 from pipeline.config import JobConfig, decode_options
-from pipeline.failures import FAILED_FILE, clear_failure, raise_failure
+from pipeline.failures import result_box, take_answer
 from pipeline.train.preflight import Plan, check_cluster_storage, check_resources, preflight
 from pipeline.train.resume import describe, write_job_record
 
@@ -117,6 +117,7 @@ def build_trainer(
     plan: Plan,
     tracking_uri: str,
     run_id: str,
+    results: Any,
     callbacks: list[Any] | None = None,
 ) -> Any:
     """A `TorchTrainer` for the job: DDP workers fed by the Ray Data reader.
@@ -126,6 +127,7 @@ def build_trainer(
         plan: from `preflight`.
         tracking_uri: the job's MLflow store.
         run_id: the job's MLflow run.
+        results: a `failures.result_box()` for a worker's setup error (`fit_run` reads it).
         callbacks: Ray Train callbacks (a Tune trial passes its report callback).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -161,6 +163,7 @@ def build_trainer(
             "steps_per_epoch": plan.steps_per_epoch,
             "tracking_uri": tracking_uri,
             "run_id": run_id,
+            "results": results,
         },
         scaling_config=ScalingConfig(
             num_workers=workers,
@@ -200,8 +203,6 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
     """
     import ray
 
-    from pipeline import tracking
-
     plan = preflight(job, allow_changes=allow_changes)
     if plan.changes:
         print(
@@ -223,7 +224,6 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
         warnings.filterwarnings("ignore", "params already logged with other values")
         uri, run_id = open_run(job, plan)
     write_job_record(job.run_dir, plan.manifest_id, plan.val_manifest_id)
-    clear_failure(job.run_dir / FAILED_FILE)
     print(
         f"[panet] job {job.name!r}: {plan.train_rows} training / {plan.val_rows} validation images, "
         f"{plan.num_classes - 1} classes, {job.scaling.num_workers} workers x "
@@ -231,18 +231,8 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
         f"({plan.steps_per_epoch} per epoch), MLflow run {run_id}",
         flush=True,
     )
-    trainer = build_trainer(job, plan, uri, run_id)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.finish_run(uri, run_id, "FAILED" if not _interrupted() else "KILLED")
-        raise
-    try:
-        raise_failure(job.run_dir / FAILED_FILE)  # a worker's setup error, not retried
-    except ValueError:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    tracking.finish_run(uri, run_id, "FINISHED")
+    results = result_box()
+    result = fit_run(build_trainer(job, plan, uri, run_id, results), uri, run_id, results)
     checkpoint = checkpoint_location(result.checkpoint) if result.checkpoint else None
     metrics: dict[str, float] = {}
     if checkpoint is not None:
@@ -250,6 +240,32 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
         saved = json.loads(storage.read_text(storage.join(checkpoint, "metrics.json")))
         metrics = coco_metrics(saved)
     return {"metrics": metrics, "tracking_uri": uri, "run_id": run_id, "checkpoint": checkpoint}
+
+
+def fit_run(trainer: Any, tracking_uri: str, run_id: str, results: Any) -> Any:
+    """Fit `trainer`, then end its MLflow run: FINISHED, KILLED when interrupted, else FAILED.
+
+    Args:
+        trainer: from `build_trainer`.
+        tracking_uri, run_id: the job's MLflow run.
+        results: the `failures.result_box()` given to `build_trainer`.
+
+    Returns:
+        Ray Train's `Result`.
+
+    Raises:
+        ValueError: a worker's setup error (a missing weights file, ...), raised once, not retried.
+    """
+    from pipeline import tracking
+
+    try:
+        result = trainer.fit()
+        take_answer(results)
+    except BaseException:
+        tracking.finish_run(tracking_uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+        raise
+    tracking.finish_run(tracking_uri, run_id, "FINISHED")
+    return result
 
 
 def checkpoint_location(checkpoint: Any) -> str:

@@ -31,7 +31,7 @@ from pipeline.data.reader import (
 )
 from pipeline.evaluate.distributed import evaluate, gather_group
 from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics, format_metrics
-from pipeline.failures import FAILED_FILE, setup_or_none
+from pipeline.failures import setup_or_none
 from pipeline.quiet import quiet_worker
 from pipeline.state_file import load_state, save_state
 from pipeline.train.checkpoints import restore_training_state, rng_state
@@ -52,6 +52,7 @@ class WorkerSetup:
     steps_per_epoch: int
     tracking_uri: str  # the job's MLflow store
     run_id: str  # the job's MLflow run
+    results: Any  # the driver's `failures.ResultBox` actor: a setup error goes there
     gt: Any = None  # rank 0: the validation shards' COCO ground truth; None on other ranks
 
 
@@ -191,7 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # A weights file that is missing or does not fit fails once, not on every retry.
     built = setup_or_none(
         functools.partial(build_training, job, config["num_classes"], device, state),
-        job.run_dir / FAILED_FILE,
+        config["results"],
         device,
     )
     if built is None:

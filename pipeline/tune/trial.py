@@ -29,8 +29,9 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             `autoscaler_max` (`ray_session.autoscaler_max_resources` on the driver).
     """
     from pipeline import tracking
+    from pipeline.failures import result_box
     from pipeline.quiet import quiet_driver
-    from pipeline.train.driver import build_trainer, open_run
+    from pipeline.train.driver import build_trainer, fit_run, open_run
     from pipeline.train.preflight import preflight
 
     quiet_driver()  # the trial's process drives its Train run
@@ -47,10 +48,6 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     }
     uri, run_id = open_run(job, plan, tags=tags, entry_point="panet tune")
     tracking.log_params(uri, run_id, {"sweep.trial": trial.name, "sweep.variant": trial.variant})
-    trainer = build_trainer(job, plan, uri, run_id, callbacks=[FreshEvalReportCallback()])
-    try:
-        trainer.fit()
-    except BaseException:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    tracking.finish_run(uri, run_id, "FINISHED")
+    results = result_box()
+    trainer = build_trainer(job, plan, uri, run_id, results, [FreshEvalReportCallback()])
+    fit_run(trainer, uri, run_id, results)

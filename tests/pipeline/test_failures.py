@@ -3,51 +3,66 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.failures import FAILED_FILE, clear_failure, raise_failure, setup_or_none
+from pipeline.failures import result_box, setup_or_none, take_answer
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
 
 
-def test_setup_or_none_reports_input_errors_and_passes_others(tmp_path: Path) -> None:
-    failed = tmp_path / "job" / FAILED_FILE
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for the module: CPUs for a 1-worker job and its data tasks."""
+    import ray
+
+    ray.init(num_cpus=3)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_setup_errors_reach_the_driver_through_its_result_box(local_ray: None) -> None:
+    """A worker's input error goes into the driver's actor (any node reaches it), the first one
+    wins, and the driver raises it; other errors are Ray's to retry and put nothing."""
+    import ray
+
     device = torch.device("cpu")
-    assert setup_or_none(lambda: 7, failed, device) == 7 and not failed.exists()
+    box = result_box()
+    assert setup_or_none(lambda: 7, box, device) == 7
+    assert take_answer(box) == {}
 
     def missing() -> int:
         raise FileNotFoundError("weights file '/models/r50.pth' does not exist")
 
-    assert setup_or_none(missing, failed, device) is None
-    assert json.loads(failed.read_text()) == {
-        "error": "weights file '/models/r50.pth' does not exist"
-    }
+    box = result_box()
+    assert setup_or_none(missing, box, device) is None
+    ray.get(box.put.remote("error", "a later rank's error"))
     with pytest.raises(ValueError, match=r"^weights file '/models/r50.pth' does not exist$"):
-        raise_failure(failed)
-    assert not failed.exists()
-    raise_failure(failed)  # nothing to raise
-    failed.write_text("{}")
-    clear_failure(failed)
-    assert not failed.exists()
+        take_answer(box)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(box.get.remote())  # freed once read
 
     def crash() -> int:
         raise RuntimeError("CUDA error: an illegal memory access")  # may not repeat: Ray retries
 
+    box = result_box()
     with pytest.raises(RuntimeError):
-        setup_or_none(crash, failed, device)
+        setup_or_none(crash, box, device)
+    ray.get(box.put.remote("metrics", {"segm/AP": 0.5}))  # `panet eval`'s answer
+    assert take_answer(box) == {"metrics": {"segm/AP": 0.5}}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_missing_weights_file_fails_once_not_per_retry(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: None
 ) -> None:
     """The file vanishes after the driver's check: the workers fail once, the run is FAILED."""
-    import ray
     from mlflow import MlflowClient
 
     from pipeline.config import load_job_config
@@ -66,13 +81,8 @@ def test_a_missing_weights_file_fails_once_not_per_retry(
     }
     job = load_job_config(CONFIG, sets)
     monkeypatch.setattr(preflight, "check_weights", lambda *_: None)
-    ray.init(num_cpus=3)
-    try:
-        with pytest.raises(ValueError, match=r"^weights file .*gone\.pth' does not exist$"):
-            driver.run_training(job)
-    finally:
-        ray.shutdown()
+    with pytest.raises(ValueError, match=r"^weights file .*gone\.pth' does not exist$"):
+        driver.run_training(job)
     record = json.loads((job.run_dir / driver.RUN_RECORD).read_text())
     run = MlflowClient(record["tracking_uri"]).get_run(record["run_id"])
     assert run.info.status == "FAILED"
-    assert not (job.run_dir / FAILED_FILE).exists()

@@ -49,7 +49,7 @@ def test_progress_shows_the_learning_rate_the_step_used(
     monkeypatch.setattr(
         progress.tracking, "log_metrics", lambda uri, run, m, step: logged.append(m)
     )
-    setup = loop.WorkerSetup(j, 2, {1: "a"}, {1: 1}, 100, "unused", "unused")
+    setup = loop.WorkerSetup(j, 2, {1: "a"}, {1: 1}, 100, "unused", "unused", None)
     state = loop.LoopState(step=0, metrics={})
     batch = ([torch.full((3, 4, 4), 100, dtype=torch.uint8)], [{}])
     for step in range(1, 4):
