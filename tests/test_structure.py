@@ -24,6 +24,9 @@ CHECKED = (
     "pipeline.quiet",
     "pipeline.failures",
     "pipeline.state_file",
+    "pipeline.cli",
+    "pipeline.args",
+    "pipeline.submit",
 )
 # Modules of the checked packages known to be over MAX_LINES: a new one fails the test, and one
 # that is split must leave this list.
@@ -162,3 +165,19 @@ def test_panet_eval_and_prediction_reach_nothing_of_training() -> None:
         train = sorted(m for m in reachable(graph, command) if m.startswith("pipeline.train"))
         assert train == [], command
     assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+
+
+def test_nothing_imports_the_command_registry() -> None:
+    """`pipeline/cli.py` only lists the parts' sub-commands: a part, a job entrypoint or
+    `panet submit`'s check builds its parser from the parts' own `add_parser`."""
+    graph = import_graph()
+    assert "pipeline.cli" in graph and "pipeline.train.cli" in graph["pipeline.cli"]
+    importers = sorted(name for name, deps in graph.items() if "pipeline.cli" in deps)
+    known = set(modules())
+    entrypoints = sorted((REPO / "jobs").glob("*.py"))
+    assert "pipeline.train.cli" in imports(REPO / "jobs" / "train.py", known)
+    jobs = [p.name for p in entrypoints if "pipeline.cli" in imports(p, known)]
+    assert importers == [] and jobs == []
+    checked = reachable(graph, "pipeline.submit.check")
+    parts = ("data", "train", "evaluate", "tune", "predict")
+    assert {f"pipeline.{part}.cli" for part in parts} <= checked
