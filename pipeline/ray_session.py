@@ -65,7 +65,7 @@ def connect(
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
-        start_local(num_cpus or math.ceil(max(os.cpu_count() or 1, min_cpus)), state_api=state_api)
+        start_local(local_cpus(num_cpus, min_cpus), state_api=state_api)
     elif state_api:
         from ray.dashboard.utils import get_address_for_submission_client
 
@@ -74,6 +74,11 @@ def connect(
         ray.init(address=address, runtime_env={"env_vars": {API_SERVER_ENV: url}})
     else:
         ray.init(address=address)
+
+
+def local_cpus(num_cpus: int, min_cpus: float) -> int:
+    """A local instance's logical CPUs: `num_cpus` if set, else the cores raised to `min_cpus`."""
+    return num_cpus or math.ceil(max(os.cpu_count() or 1, min_cpus))
 
 
 def start_local(num_cpus: int, *, state_api: bool = False) -> str:

@@ -1,10 +1,12 @@
-"""The settings a local Ray instance starts with: set unless the user set them."""
+"""`ray_session`: how a local Ray instance starts (its settings: set unless the user set them)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from pipeline.ray_session import MIN_WORKERS_SOFT_LIMIT, local_ray_env
+from pipeline.ray_session import MIN_WORKERS_SOFT_LIMIT, local_cpus, local_ray_env
 
 SOFT_LIMIT = "RAY_num_workers_soft_limit"
 
@@ -28,3 +30,10 @@ def test_the_users_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
         SOFT_LIMIT: "7",
     }
+
+
+def test_a_local_instance_gets_the_cpus_its_workers_and_data_tasks_need() -> None:
+    cores = os.cpu_count() or 1
+    assert local_cpus(0, 1) == cores  # never fewer than the cores
+    assert local_cpus(0, cores + 2.5) == cores + 3  # 2 workers x 1 CPU on 2 cores: + data tasks
+    assert local_cpus(5, cores + 10) == 5  # ray.num_cpus is taken as it is
