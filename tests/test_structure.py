@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 500
 # Packages whose modules must stay under MAX_LINES; the rest of pipeline/ joins this list once its
-# modules are split (train/loop.py is over). Import cycles are checked in all of pipeline/.
+# modules are split. Import cycles are checked in all of pipeline/.
 CHECKED = (
     "pipeline.data",
     "pipeline.tracking",
@@ -27,6 +27,7 @@ CHECKED = (
     "pipeline.cli",
     "pipeline.args",
     "pipeline.submit",
+    "pipeline.train",
 )
 # Modules of the checked packages known to be over MAX_LINES: a new one fails the test, and one
 # that is split must leave this list.
