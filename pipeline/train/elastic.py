@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from pipeline.config import JobConfig
+
 T = TypeVar("T")
 
 
@@ -73,7 +75,9 @@ def group_steps(batches: Iterable[T], count: int) -> Iterator[list[T]]:
         yield group
 
 
-def record_world(job: Any, tracking_uri: str, run_id: str, step: int, previous_size: int) -> None:
+def record_world(
+    job: JobConfig, tracking_uri: str, run_id: str, step: int, previous_size: int
+) -> None:
     """Every rank: gather the worker nodes; rank 0 logs the world (and a resize) to MLflow.
 
     Args:
