@@ -7,6 +7,7 @@ code path yields both the Mask R-CNN baseline (`rbl`) and the full PANet (`panet
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -356,7 +357,7 @@ def _replace_dotted(obj: Any, parts: list[str], value: Any, full_key: str) -> An
     if head not in names:
         raise ValueError(
             f"unknown config key {full_key!r}: {type(obj).__name__} has no field {head!r} "
-            f"(fields: {', '.join(sorted(names))})"
+            f"(fields: {', '.join(sorted(names))}){_did_you_mean(obj, parts, full_key)}"
         )
     hints = typing.get_type_hints(type(obj))
     current = getattr(obj, head)
@@ -369,6 +370,24 @@ def _replace_dotted(obj: Any, parts: list[str], value: Any, full_key: str) -> An
             raise ValueError(f"unknown config key {full_key!r}: {head!r} is not a section")
         new = _replace_dotted(current, parts[1:], value, full_key)
     return dataclasses.replace(obj, **{head: new})
+
+
+def _did_you_mean(obj: Any, parts: list[str], full_key: str) -> str:
+    """`; did you mean solver.max_steps?` for the closest key under `obj`, or "".
+
+    The mistyped part is matched against `obj`'s fields; the rest of the key is matched against
+    the keys under the chosen field, so a typo anywhere in a nested key gets a whole key back.
+    """
+    prefix = full_key.split(".")[: len(full_key.split(".")) - len(parts)]
+    fields = [f.name for f in dataclasses.fields(obj)]
+    keys = [*flatten(dataclasses.asdict(obj)), *fields]  # and sections: a key may stop at one
+    match = difflib.get_close_matches(".".join(parts), keys, n=1, cutoff=0.75)
+    if not match:  # a key without its section: `max_steps` for `solver.max_steps`
+        match = [k for k in keys if k.endswith("." + parts[-1])][:1] if len(parts) == 1 else []
+    if not match:
+        heads = difflib.get_close_matches(parts[0], fields, n=1)
+        match = [".".join([heads[0], *parts[1:]])] if heads else []
+    return f"; did you mean {'.'.join([*prefix, match[0]])}?" if match else ""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -79,6 +79,28 @@ def test_bad_config_names_the_key(sets: list[str], message: str) -> None:
         load_job_config(REPO / "jobs/configs/tiny_synth.yaml", parse_set(sets))
 
 
+@pytest.mark.parametrize(
+    ("key", "closest"),
+    [
+        ("solver.max_step", "solver.max_steps"),  # a typo in the last part
+        ("solvr.max_steps", "solver.max_steps"),  # in the section
+        ("max_steps", "solver.max_steps"),  # the section left out
+        ("model.afpp.fusion", "model.afp.fusion"),  # in a nested section
+        ("model.mask_head.ff.enabeld", "model.mask_head.ff.enabled"),
+    ],
+)
+def test_an_unknown_key_names_the_closest_one(key: str, closest: str) -> None:
+    with pytest.raises(ValueError, match=r"\(fields: .*\)") as err:
+        load_job_config("tiny_synth", {key: 1})
+    assert str(err.value).endswith(f"; did you mean {closest}?")
+
+
+def test_an_unknown_key_like_no_other_suggests_nothing() -> None:
+    with pytest.raises(ValueError, match="zzz") as err:
+        load_job_config("tiny_synth", {"zzz.qqq": 1})
+    assert "did you mean" not in str(err.value)
+
+
 def test_evaluations_fall_on_checkpoints_with_several_workers() -> None:
     """Ranks 1.. wait for rank 0's COCOeval at the checkpoint's report, never in an all-reduce.
 
