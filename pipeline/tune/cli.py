@@ -9,12 +9,14 @@ from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from pipeline.config import shipped_names
+
     p = sub.add_parser(
         "tune",
         help="sweep the paper's ablations or hyper-parameters with Ray Tune, tracked in MLflow",
         description="Run a sweep: every trial is a full `panet train` job, every trial an MLflow "
-        "run nested under the sweep's run. Shipped sweeps (jobs/sweeps/): table3, table4, "
-        "table5, hparams. Re-running the same sweep name resumes it.",
+        "run nested under the sweep's run. Shipped sweeps (jobs/sweeps/, by name): "
+        f"{', '.join(shipped_names('sweeps'))}. Re-running the same sweep name resumes it.",
     )
     p.add_argument("--sweep", required=True, help="a sweep name (jobs/sweeps/) or a YAML file")
     p.add_argument(
@@ -67,7 +69,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     try:
         prepared = load(args)
-        print(describe(prepared.sweep, prepared.trials))
+        print(describe(prepared.sweep, prepared.trials, prepared.base))
         if args.dry_run:
             return 0
         from pipeline.tune.runner import run_sweep

@@ -339,16 +339,58 @@ def asha_rungs(sweep: Sweep, eval_every: int, max_steps: int) -> list[int]:
     return rungs
 
 
-def describe(sweep: Sweep, trials: list[Trial]) -> str:
-    """The trials as text: the overrides every trial shares, then one line a trial."""
+# Keys that set the size of the training images: a sweep that changes them changes what a trial
+# costs far more than any other key (the paper's 800-1400 px against a CPU config's 256).
+SIZE_KEYS = (
+    "data.train_scales",
+    "data.scale_range",
+    "data.max_size",
+    "model.transform.min_size",
+    "model.transform.max_size",
+)
+PAPER_METRICS = {"segm_AP": "segm AP", "bbox_AP": "bbox AP"}
+
+
+def describe(sweep: Sweep, trials: list[Trial], base: dict[str, Any] | None = None) -> str:
+    """The trials as text: the overrides every trial shares, then one line a trial with the
+    paper's numbers for its row; with the base job's flat config, which training sizes the
+    sweep changes from it.
+    """
     width = max(len(t.name) for t in trials)
     lines = [f"sweep {sweep.name!r}: {len(trials)} trial(s)"]
     if sweep.set:
         lines.append("every trial: " + _format(sweep.set))
     for t in trials:
         own = {k: v for k, v in t.overrides.items() if k not in sweep.set or sweep.set[k] != v}
-        lines.append(f"  {t.name:<{width}}  {_format(own) or '(base config)'}")
+        line = f"  {t.name:<{width}}  {_format(own) or '(base config)'}"
+        lines.append(line + (f"  [paper: {_paper(t.paper)}]" if t.paper else ""))
+    if base is not None:
+        lines += size_changes(trials, base)
     return "\n".join(lines)
+
+
+def size_changes(trials: list[Trial], base: dict[str, Any]) -> list[str]:
+    """Lines naming each training-size key the trials set to other values than the base job."""
+    changed = []
+    for key in SIZE_KEYS:
+        own = _short(base[key])
+        values = list(dict.fromkeys(_short(t.overrides[key]) for t in trials if key in t.overrides))
+        values = [v for v in values if v != own]
+        if values:
+            changed.append(f"  {key}: {own} in the base config -> {' or '.join(values)}")
+    if not changed:
+        return []
+    return [
+        "note: the trials train at other image sizes than the base config (the sweep's values "
+        "win over the config and --set):",
+        *changed,
+        "  (a CPU-sized run of these rows: copy the sweep file and lower these sizes; "
+        "`--sweep demo` is a CPU sweep)",
+    ]
+
+
+def _paper(numbers: dict[str, float]) -> str:
+    return ", ".join(f"{PAPER_METRICS.get(k, k)} {v:g}" for k, v in numbers.items())
 
 
 def _format(overrides: dict[str, Any]) -> str:
@@ -356,8 +398,11 @@ def _format(overrides: dict[str, Any]) -> str:
 
 
 def _short(value: Any) -> str:
+    """A value as YAML writes it (`true`, `null`), floats to 4 digits, lists without spaces."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_short(v) for v in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return yaml.safe_dump(value).split("\n", 1)[0]
     return str(value)

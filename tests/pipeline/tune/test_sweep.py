@@ -156,6 +156,39 @@ def test_dry_run_prints_trials(capsys: pytest.CaptureFixture) -> None:
     assert "fu.fc1fc2-sum  model.afp.position=fu.fc1fc2 model.afp.fusion=sum" in out
 
 
+def test_dry_run_on_a_cpu_config_says_the_sweep_trains_at_paper_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)  # names, not checkout paths
+    assert main(["tune", "--sweep", "table3", "--config", "tiny_synth", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # Each paper row with its numbers; booleans as YAML writes them.
+    assert "rbl          (base config)  [paper: segm AP 33.4, bbox AP 36.4]" in out
+    assert "  ff  " in out and "[paper: segm AP 37.6]" in out
+    assert "model.bpa.enabled=false" in out and "model.mask_head.ff.enabled=true" in out
+    assert "True" not in out and "False" not in out
+    # The sizes the trials train at, against the CPU config's.
+    assert (
+        "data.train_scales: [192,256] in the base config -> [800] or [1200,1000,800,600,400]" in out
+    )
+    assert "data.max_size: 400 in the base config -> 1333 or 1400" in out
+    assert "data.scale_range: true in the base config -> false" in out
+    # A sweep that keeps the base config's sizes says nothing about them.
+    assert main(["tune", "--sweep", "demo", "--config", "tiny_synth", "--dry-run"]) == 0
+    assert "image sizes" not in capsys.readouterr().out
+
+
+def test_tune_help_lists_every_shipped_sweep(capsys: pytest.CaptureFixture) -> None:
+    from pipeline.config import shipped_names
+
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    assert "demo" in shipped_names("sweeps")
+    for name in shipped_names("sweeps"):
+        assert name in text
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
