@@ -148,12 +148,26 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         summary = predict_locally(predictor, files, shards, out, total, not args.no_pictures)
-    print(
-        f"[predict] done: {summary['images']} images, {summary['detections']} detections, "
-        f"{summary['skipped']} skipped, {summary['images_per_s']:.2f} images/s -> {out}",
-        flush=True,
-    )
+    print(f"[predict] done: {done_line(summary, total)} -> {out}", flush=True)
     return 0 if summary["images"] > 0 else 1
+
+
+def done_line(summary: dict[str, Any], total: int) -> str:
+    """What became of the inputs: predicted, skipped (their ids unused), upscaled, the rate."""
+    from pipeline.predict.results import MAX_UPSCALE
+
+    parts = [
+        f"{summary['images']} of {total} images predicted",
+        f"{summary['detections']} detections",
+    ]
+    if summary["skipped"]:
+        parts.append(f"{summary['skipped']} skipped (their image ids left unused)")
+    if summary["upscaled"]:
+        parts.append(
+            f"{summary['upscaled']} upscaled over {MAX_UPSCALE:g}x by the model (warned above; "
+            "far below its input size, their detections are unreliable)"
+        )
+    return ", ".join([*parts, f"{summary['images_per_s']:.2f} images/s"])
 
 
 def predict_locally(

@@ -42,6 +42,19 @@ class Predictor:
     max_detections: int = 100
     source: str = ""
 
+    def input_scale(self, height: int, width: int) -> float:
+        """The factor the model's transform resizes an image of this size by before the backbone.
+
+        As in training and evaluation, every image is resized so that its short side is the
+        test scale (`model.transform.min_size[-1]`, or the smallest of `model.test.scales`) and
+        its long side at most the cap: an image far smaller than that is upscaled many times.
+        """
+        transform = self.model.transform
+        test = getattr(self.model, "test", None)
+        short = min(test.scales) if test is not None and test.scales else transform.min_size[-1]
+        cap = (test.max_size if test is not None else 0) or transform.max_size
+        return min(short / min(height, width), cap / max(height, width))
+
     @property
     def inverse_labels(self) -> dict[int, int]:
         """Contiguous label 1..C -> dataset category id."""

@@ -1,8 +1,8 @@
 """One prediction row per image, and the files they end up in.
 
-A row (`PREDICTION_SCHEMA`) holds an image's id, name, size, its detections in COCO form
-(`[x, y, w, h]` boxes, dataset category ids, compressed RLE masks) or the reason it was
-skipped. The plain loop and the Ray Data actors both make rows with `predict_item`, and
+A row (`PREDICTION_SCHEMA`) holds an image's id, name, size, the factor the model resized it by,
+its detections in COCO form (`[x, y, w, h]` boxes, dataset category ids, compressed RLE masks)
+or the reason it was skipped. The plain loop and the Ray Data actors both make rows with `predict_item`, and
 `ResultWriter` turns them into `results.json` (COCO results format), `images.json` and, for
 batch inference, Parquet.
 """
@@ -28,6 +28,10 @@ PREDICTION_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("error", pa.string()),  # why the image was skipped; "" if it was predicted
+        (
+            "scale",
+            pa.float64(),
+        ),  # the model's resize factor (`Predictor.input_scale`); 0 if skipped
         ("bboxes", pa.list_(pa.list_(pa.float64()))),  # COCO [x, y, w, h] per detection
         ("scores", pa.list_(pa.float64())),
         ("category_ids", pa.list_(pa.int64())),  # the dataset's category ids
@@ -36,6 +40,9 @@ PREDICTION_SCHEMA = pa.schema(
 )
 RESULTS_FILE = "results.json"
 IMAGES_FILE = "images.json"
+# An image the model upscales more than this is far below the sizes it was trained and tested
+# at: its features are blurred pixels, and an untrained-looking model still finds "objects".
+MAX_UPSCALE = 4.0
 
 
 def picture_name(image_id: int, name: str) -> str:
@@ -59,6 +66,7 @@ def predict_item(predictor: Predictor, item: Item, pictures: Path | None = None)
         "height": 0,
         "width": 0,
         "error": "",
+        "scale": 0.0,
         "bboxes": [],
         "scores": [],
         "category_ids": [],
@@ -74,6 +82,7 @@ def predict_item(predictor: Predictor, item: Item, pictures: Path | None = None)
     row.update(
         height=rgb.shape[0],
         width=rgb.shape[1],
+        scale=predictor.input_scale(rgb.shape[0], rgb.shape[1]),
         bboxes=[r["bbox"] for r in results],
         scores=[r["score"] for r in results],
         category_ids=[r["category_id"] for r in results],
@@ -118,8 +127,9 @@ def row_results(row: Mapping[str, Any]) -> list[dict[str, Any]]:
 class ResultWriter:
     """Collects rows; writes results.json, images.json and (optionally) Parquet into `out`.
 
-    Prints a progress line with the throughput every `every` images, and each skipped image
-    by name on stderr as it comes.
+    Prints a progress line with the throughput every `every` images and after the last, and
+    on stderr, as they come, each skipped image and each image the model upscales more than
+    `MAX_UPSCALE`, by id and name.
     """
 
     def __init__(
@@ -137,7 +147,8 @@ class ResultWriter:
         self.total, self.every = total, every
         self.results: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
-        self.skipped: list[dict[str, str]] = []
+        self.skipped: list[dict[str, Any]] = []
+        self.upscaled = 0
         self.start = time.perf_counter()
         self.done = 0
         self._first: tuple[float, int] | None = None  # (time, images) of the first rows
@@ -159,20 +170,40 @@ class ResultWriter:
         for row in rows:
             self.done += 1
             if row["error"]:
-                self.skipped.append({"file_name": row["file_name"], "reason": row["error"]})
-                print(f"[predict] skipped {row['error']}", file=sys.stderr, flush=True)
-                continue
-            self.images.append(
-                {
-                    "id": int(row["image_id"]),
-                    "file_name": row["file_name"],
-                    "height": int(row["height"]),
-                    "width": int(row["width"]),
-                }
-            )
-            self.results += row_results(row)
+                self._skip(row)
+            else:
+                self._keep(row)
             if self.done % self.every == 0 or self.done == self.total:
                 print(f"[predict] {self.progress()}", flush=True)
+
+    def _skip(self, row: Mapping[str, Any]) -> None:
+        image_id = int(row["image_id"])
+        self.skipped.append({"id": image_id, "file_name": row["file_name"], "reason": row["error"]})
+        # The id stays unused: ids are input positions, the same with --ray and on a re-run.
+        print(f"[predict] skipped image {image_id}: {row['error']}", file=sys.stderr, flush=True)
+
+    def _keep(self, row: Mapping[str, Any]) -> None:
+        height, width, scale = int(row["height"]), int(row["width"]), float(row["scale"])
+        self.images.append(
+            {
+                "id": int(row["image_id"]),
+                "file_name": row["file_name"],
+                "height": height,
+                "width": width,
+                "scale": round(scale, 4),
+            }
+        )
+        self.results += row_results(row)
+        if scale > MAX_UPSCALE:
+            self.upscaled += 1
+            print(
+                f"[predict] warning: image {row['image_id']} ({row['file_name']}) is "
+                f"{width}x{height}, far below the model's input size: the model upscales it "
+                f"{scale:.3g}x to {int(width * scale)}x{int(height * scale)}, as it would in "
+                "training, so its detections are unreliable",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @property
     def images_per_s(self) -> float:
@@ -180,7 +211,8 @@ class ResultWriter:
 
     def progress(self) -> str:
         return (
-            f"{self.done}/{self.total} images, {len(self.results)} detections, "
+            f"{self.done}/{self.total} images read: {len(self.images)} predicted, "
+            f"{len(self.skipped)} skipped, {len(self.results)} detections, "
             f"{self.images_per_s:.2f} images/s"
         )
 
@@ -188,7 +220,8 @@ class ResultWriter:
         """Write the JSON files.
 
         Returns:
-            {"images", "detections", "skipped", "seconds", "images_per_s", and
+            {"images" (predicted), "detections", "skipped", "upscaled" (images the model
+            upscaled more than `MAX_UPSCALE`), "seconds", "images_per_s", and
             "steady_images_per_s": the rate after the first rows arrived}.
         """
         if self._writer is not None:
@@ -208,6 +241,7 @@ class ResultWriter:
             "images": len(self.images),
             "detections": len(self.results),
             "skipped": len(self.skipped),
+            "upscaled": self.upscaled,
             "seconds": end - self.start,
             "images_per_s": self.images_per_s,
             "steady_images_per_s": steady,

@@ -67,7 +67,38 @@ def test_predict_photographs_writes_coco_results_and_pictures(
     assert len(pictures) == len(readable)
     png = np.asarray(Image.open(out / "pictures" / pictures[0]))
     assert png.ndim == 3 and png.shape[1] > 600
-    assert "done:" in stdout and f"{len(readable)} images" in stdout
+    assert f"done: {len(readable)} of {len(photos)} images predicted" in stdout
+
+
+def test_the_summary_counts_skipped_and_upscaled_images_alike_and_by_id(
+    untrained_checkpoint, tmp_path, capsys
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a picture")
+    small, photo = tmp_path / "small.png", tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(small)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8)).save(photo)
+    out = tmp_path / "out"
+    args = ["--model", str(untrained_checkpoint), str(broken), str(small), str(photo), "--out"]
+    few = ["--score-threshold", "0", "--max-detections", "3", "--no-pictures"]
+    code, stdout, stderr = run_predict(capsys, *args, str(out), *few)
+    assert code == 0, stderr
+    # Ids are input positions: the unreadable first file keeps id 1, and the output says so.
+    assert "skipped image 1: " in stderr and "broken.png" in stderr
+    meta = json.loads((out / "images.json").read_text())
+    assert [s["id"] for s in meta["skipped"]] == [1]
+    assert [(i["id"], i["file_name"]) for i in meta["images"]] == [(2, str(small)), (3, str(photo))]
+    # The tiny preset's test scale is 256: the 8x8 image is upscaled 32x, and named for it.
+    assert [i["scale"] for i in meta["images"]] == [32.0, pytest.approx(256 / 120, abs=1e-3)]
+    assert "warning: image 2 (" in stderr and "is 8x8" in stderr and "32x to 256x256" in stderr
+    assert "image 3 (" not in stderr
+    # The last progress line and the final line agree on every count.
+    progress = [line for line in stdout.splitlines() if "images read" in line][-1]
+    detections = len(json.loads((out / "results.json").read_text()))
+    assert f"3/3 images read: 2 predicted, 1 skipped, {detections} detections" in progress
+    done = stdout.splitlines()[-1]
+    assert done.startswith(f"[predict] done: 2 of 3 images predicted, {detections} detections")
+    assert "1 skipped (their image ids left unused)" in done and "1 upscaled over 4x" in done
 
 
 def test_score_threshold_and_max_detections_filter(
