@@ -2,9 +2,11 @@
 
 In their shell code blocks every `panet ...` command parses with the real `panet` parser (the
 sub-command exists, every flag exists, required arguments are there; in-process, no
-subprocess), `--set` keys and values load into the job config, `--config` files exist, every
-`make X` is a Makefile target, and every `python benchmarks/X.py --flag` names a script with
-that flag. Every relative link and image path resolves, and a `#fragment` names a heading.
+subprocess), `--set` keys and values load into the job config, `--config` names a shipped
+config, every `make X` is a Makefile target, and every `python benchmarks/X.py --flag` names a
+script with that flag. The `panet` commands are checked, and the README's dry runs run, from a
+directory outside the checkout, as a user of the installed package types them. Every relative
+link and image path resolves, and a `#fragment` names a heading.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ SEPARATORS = {"&&", "||", ";", "|", "&"}
 NO_CONFIG_DATA = {"data.train": "shards/train", "data.val": "shards/val"}
 
 
+README = REPO / "README.md"
+
+
 def doc_files() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    return [README, *sorted((REPO / "docs").rglob("*.md"))]
 
 
 def shell_commands(text: str) -> list[list[str]]:
@@ -123,10 +128,21 @@ def _job_config_problem(config: str | None, sets: list[str]) -> str | None:
 
     try:
         overrides = parse_set(sets)
-        if config is not None and (REPO / config).is_file():  # else a shipped config's name
-            config = str(REPO / config)
         base = {} if config is not None else dict(NO_CONFIG_DATA)
         load_job_config(config, {**base, **overrides})
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _sweep_problem(sweep: str, config: str | None) -> str | None:
+    from pipeline.config import resolve_config
+    from pipeline.tune.sweep import find_sweep
+
+    try:
+        find_sweep(sweep)
+        if config is not None:
+            resolve_config(config)
     except ValueError as err:
         return str(err)
     return None
@@ -141,6 +157,8 @@ def check_panet(args: list[str]) -> str | None:
         command = getattr(parsed, "command", None)
         if command == "train":
             return _job_config_problem(parsed.config, parsed.set)
+        if command == "tune":
+            return _sweep_problem(parsed.sweep, parsed.config)
         if command == "eval" and getattr(parsed, "set", None):  # a trained model's keys only
             not_model = [s for s in parsed.set if not s.startswith("model.")]
             return (
@@ -247,13 +265,33 @@ def link_problems(text: str, path: Path) -> list[str]:
 
 
 @pytest.fixture
-def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)  # relative paths in commands are the repository's
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory outside the checkout: a config path of the checkout resolves no more."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(REPO)))
-def test_commands_exist(doc: Path, in_repo: None) -> None:
+def test_commands_exist(doc: Path, elsewhere: Path) -> None:
     assert command_problems(doc.read_text()) == []
+
+
+def test_the_readme_dry_runs_run_outside_the_checkout(elsewhere: Path, capsys) -> None:
+    """Every `panet ... --dry-run` of the README that needs no data of its own runs as printed."""
+    from pipeline.cli import main
+
+    dry_runs = [
+        args
+        for kind, args in filter(None, map(entry_point, shell_commands(README.read_text())))
+        if kind == "panet" and "--dry-run" in args and args[0] == "tune"
+    ]
+    assert dry_runs, "the README shows a sweep's dry run"
+    for args in dry_runs:
+        code = main(args)
+        out = capsys.readouterr()
+        assert code == 0, f"panet {shlex.join(args)}: {out.err}"
+        assert "trial(s)" in out.out
+    assert list(elsewhere.iterdir()) == []  # a dry run writes nothing
 
 
 @pytest.mark.parametrize("doc", doc_files(), ids=lambda p: str(p.relative_to(REPO)))
@@ -299,7 +337,7 @@ def test_config_keys_exist(doc: Path) -> None:
 
 def test_readme_names_commands() -> None:
     """The checks above see the README's commands (a parsing slip would make them vacuous)."""
-    found = [entry_point(c) for c in shell_commands((REPO / "README.md").read_text())]
+    found = [entry_point(c) for c in shell_commands(README.read_text())]
     kinds = {f[0] for f in found if f is not None}
     assert {"panet", "make"} <= kinds
 
@@ -326,7 +364,7 @@ def test_readme_evaluates_a_checkpoint_the_demo_writes() -> None:
     written = {f"{job_dir}step-{s:08d}" for s in [*range(every, last + 1, every), last]}
     named = [
         c[c.index("--checkpoint") + 1].rstrip("/")
-        for c in shell_commands((REPO / "README.md").read_text())
+        for c in shell_commands(README.read_text())
         if "--checkpoint" in c[:-1]
     ]
     assert any(n.startswith(job_dir) for n in named), "the README evaluates the demo's model"
@@ -341,7 +379,7 @@ def _block(*lines: str) -> str:
     return "```bash\n" + "\n".join(lines) + "\n```\n"
 
 
-def test_a_wrong_flag_is_found(in_repo: None) -> None:
+def test_a_wrong_flag_is_found(elsewhere: Path) -> None:
     good = "panet data inspect demo/shards/train --verify"
     assert command_problems(_block(good)) == []
     problems = command_problems(_block("panet data inspect demo/shards/train --verfy"))
@@ -350,8 +388,8 @@ def test_a_wrong_flag_is_found(in_repo: None) -> None:
     assert command_problems(_block("panet evaluate --checkpoint x"))  # no such sub-command
 
 
-def test_a_bad_set_key_or_value_is_found(in_repo: None) -> None:
-    cmd = "panet train --config jobs/configs/tiny_synth.yaml --set {}"
+def test_a_bad_set_key_or_value_is_found(elsewhere: Path) -> None:
+    cmd = "panet train --config tiny_synth --set {}"
     assert command_problems(_block(cmd.format("model.afp.fusion=sum"))) == []
     (problem,) = command_problems(_block(cmd.format("model.afp.fuson=sum")))
     assert "model.afp.fuson" in problem
@@ -372,8 +410,14 @@ def test_a_stale_config_key_in_prose_is_found() -> None:
     assert config_key_problems("`box_head.kind`")  # a model key without `model.`
 
 
-def test_a_missing_config_target_or_script_is_found(in_repo: None) -> None:
-    assert command_problems(_block("panet train --config jobs/configs/nope.yaml"))
+def test_a_missing_config_target_or_script_is_found(elsewhere: Path) -> None:
+    assert command_problems(_block("panet train --config nope"))
+    # A path into the checkout is no config outside it: the README names shipped configs.
+    (problem,) = command_problems(_block("panet train --config jobs/configs/tiny_synth.yaml"))
+    assert "tiny_synth" in problem and "does not exist" in problem
+    assert command_problems(_block("panet tune --sweep table3 --config coco_panet_r50")) == []
+    assert command_problems(_block("panet tune --sweep jobs/sweeps/table3.yaml"))
+    assert command_problems(_block("panet tune --sweep table3 --config coco"))
     assert command_problems(_block("make demo && make bench")) == []
     assert command_problems(_block("make deploy"))
     assert command_problems(_block("python benchmarks/roi_align.py --reps 3")) == []
@@ -381,7 +425,7 @@ def test_a_missing_config_target_or_script_is_found(in_repo: None) -> None:
     assert command_problems(_block("python benchmarks/nope.py"))
 
 
-def test_continuations_comments_and_chains_are_read(in_repo: None) -> None:
+def test_continuations_comments_and_chains_are_read(elsewhere: Path) -> None:
     text = _block(
         "panet data inspect demo/shards/train \\",
         "    --verify  # a comment --nope",
