@@ -297,9 +297,11 @@ def resolve_shipped(value: str | Path, kind: Literal["configs", "sweeps"]) -> Pa
     names = shipped_names(kind)
     if name in names:
         return _local_file(resources.files(SHIPPED_PACKAGE) / kind / f"{name}.yaml")
+    # A checkout path from another directory (`jobs/configs/tiny_synth.yaml`) names the file.
+    hint = f"; did you mean {p.stem}?" if p.suffix == ".yaml" and p.stem in names else ""
     raise ValueError(
         f"{what} file {str(value)!r} does not exist, and no {what} of that name is shipped "
-        f"(shipped {kind}, by name: {', '.join(names)})"
+        f"(shipped {kind}, by name: {', '.join(names)}){hint}"
     )
 
 

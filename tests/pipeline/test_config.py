@@ -149,10 +149,13 @@ def test_shipped_configs_and_sweeps_by_name_from_any_directory(tmp_path: Path, m
         match=r"config file 'jobs/configs/tiny_synth.yaml' does not exist.*shipped configs, by name: cityscapes_panet_r50, .*tiny_synth",
     ):
         load_job_config("jobs/configs/tiny_synth.yaml")  # a checkout's path, here relative to tmp
+    with pytest.raises(ValueError, match=r"; did you mean table3\?$"):  # its shipped name
+        resolve_shipped("jobs/sweeps/table3.yaml", "sweeps")
     with pytest.raises(
         ValueError, match=r"sweep file 'table9' does not exist.*demo, hparams, table3"
-    ):
+    ) as err:
         resolve_shipped("table9", "sweeps")
+    assert "did you mean" not in str(err.value)
 
 
 def test_flat_has_model_keys() -> None:
