@@ -23,7 +23,6 @@ from pipeline.tracking.runs import (
     log_dataset_inputs,
     open_run,
     set_tags,
-    source_tags,
     start_or_resume_run,
 )
 from pipeline.tracking.store import (
@@ -60,7 +59,6 @@ __all__ = [
     "run_page_url",
     "script_command",
     "set_tags",
-    "source_tags",
     "start_or_resume_run",
     "ui_command",
 ]
