@@ -231,3 +231,18 @@ def test_replica_gpus_are_checked_against_the_cluster_and_its_autoscaler() -> No
     check_replica_gpus(3, 1.0, {"CPU": 8.0}, {"CPU": 224.0, "GPU": 16.0})
     with pytest.raises(ValueError, match="grows to at most 16"):
         check_replica_gpus(17, 1.0, {"CPU": 8.0}, {"CPU": 224.0, "GPU": 16.0})
+
+
+def test_the_resize_factor_is_the_models_own(untrained_checkpoint) -> None:
+    """The factor follows the model's test scale and cap, also under multi-scale testing."""
+    from pipeline.predict.predictor import load_predictor
+
+    plain = load_predictor(str(untrained_checkpoint))
+    assert plain.input_scale(8, 8) == 32.0  # tiny: short side 256
+    assert plain.input_scale(100, 1000) == 0.4  # the long side capped at 400
+    tricks = load_predictor(
+        str(untrained_checkpoint),
+        overrides={"model.test.scales": [512, 384], "model.test.max_size": 800},
+    )
+    assert tricks.input_scale(8, 8) == 48.0  # the smallest of the test scales
+    assert tricks.input_scale(100, 1000) == 0.8
