@@ -49,11 +49,11 @@ class Predictor:
         test scale (`model.transform.min_size[-1]`, or the smallest of `model.test.scales`) and
         its long side at most the cap: an image far smaller than that is upscaled many times.
         """
-        transform = self.model.transform
-        test = getattr(self.model, "test", None)
+        transform: Any = self.model.transform  # torchvision's GeneralizedRCNNTransform
+        test: Any = getattr(self.model, "test", None)
         short = min(test.scales) if test is not None and test.scales else transform.min_size[-1]
         cap = (test.max_size if test is not None else 0) or transform.max_size
-        return min(short / min(height, width), cap / max(height, width))
+        return float(min(short / min(height, width), cap / max(height, width)))
 
     @property
     def inverse_labels(self) -> dict[int, int]:
