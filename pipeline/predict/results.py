@@ -1,10 +1,10 @@
 """One prediction row per image, and the files they end up in.
 
-A row (`PREDICTION_SCHEMA`) holds an image's id, name, size, the factor the model resized it by,
-its detections in COCO form (`[x, y, w, h]` boxes, dataset category ids, compressed RLE masks)
-or the reason it was skipped. The plain loop and the Ray Data actors both make rows with `predict_item`, and
-`ResultWriter` turns them into `results.json` (COCO results format), `images.json` and, for
-batch inference, Parquet.
+A row (`PREDICTION_SCHEMA`) holds an image's id, name, size, the factor the model resized it
+by, its detections in COCO form (`[x, y, w, h]` boxes, dataset category ids, compressed RLE
+masks) or the reason it was skipped. The plain loop and the Ray Data actors both make rows with
+`predict_item`, and `ResultWriter` turns them into `results.json` (COCO results format),
+`images.json` and, for batch inference, Parquet.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("error", pa.string()),  # why the image was skipped; "" if it was predicted
-        (
-            "scale",
-            pa.float64(),
-        ),  # the model's resize factor (`Predictor.input_scale`); 0 if skipped
+        ("scale", pa.float64()),  # the model's resize factor (Predictor.input_scale); 0: skipped
         ("bboxes", pa.list_(pa.list_(pa.float64()))),  # COCO [x, y, w, h] per detection
         ("scores", pa.list_(pa.float64())),
         ("category_ids", pa.list_(pa.int64())),  # the dataset's category ids
@@ -41,7 +38,8 @@ PREDICTION_SCHEMA = pa.schema(
 RESULTS_FILE = "results.json"
 IMAGES_FILE = "images.json"
 # An image the model upscales more than this is far below the sizes it was trained and tested
-# at: its features are blurred pixels, and an untrained-looking model still finds "objects".
+# at: its features come from interpolated pixels unlike anything it learned from, yet it still
+# returns confident detections, so the user is told.
 MAX_UPSCALE = 4.0
 
 
