@@ -218,6 +218,9 @@ def test_a_sweep_is_checked_like_tunes_dry_run(capsys) -> None:
     assert job.args == ["--set", "solver.max_steps=10", "--sweep", "table4"]
     assert job.tracking_uri == "http://mlflow.mlflow.svc:5000"  # coco_panet_r50's, by name
     assert "sweep 'table4': 5 trial(s)" in capsys.readouterr().out
+    # The same note as the dry run when the sweep trains at other sizes than its base config.
+    check_job(parse("tune", "--", "--sweep", "table3", "--config", "tiny_synth", "--dry-run"))
+    assert "data.max_size: 400 in the base config -> 1333 or 1400" in capsys.readouterr().out
     with pytest.raises(SubmitError, match="sweep file 'no-such-sweep' does not exist"):
         check_job(parse("tune", "--", "--sweep", "no-such-sweep"))
     with pytest.raises(SubmitError, match="config keys 'data.train' is 'demo/shards/train'"):
