@@ -115,7 +115,10 @@ def _check_tune(parsed: argparse.Namespace) -> str:
     from pipeline.tune.sweep import describe
 
     prepared = load(parsed)
-    print(f"[submit] the sweep:\n{describe(prepared.sweep, prepared.trials, prepared.base)}", flush=True)
+    print(
+        f"[submit] the sweep:\n{describe(prepared.sweep, prepared.trials, prepared.base)}",
+        flush=True,
+    )
     if not parsed.dry_run:
         _check_cluster_config(base_config(prepared.sweep, parsed.config), parsed.set)
     return prepared.base_job.tracking.uri
