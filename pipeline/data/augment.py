@@ -8,7 +8,7 @@ from the transformed masks, which keeps them aligned with the image by construct
 
 A record that cannot be decoded (bad image bytes, bad RLE, wrong size, unknown category) does
 not raise: it comes back as a row with `valid=False` and a `reason`, so the consumer can keep
-its step count fixed (see `reader.iter_train_batches`).
+its step count fixed (see `batches.iter_train_batches`).
 """
 
 from __future__ import annotations
