@@ -129,43 +129,88 @@ def iter_train_batches(
     rng = np.random.default_rng(seed)
     rows = _rows(data_iterator, local_batch_size, prefetch_batches)
     previous: list[dict[str, Any]] = []  # valid rows of the last batch: fill-in of last resort
-    warned_short = False
     try:
-        step = 0
-        while step < steps:
-            window = min(group_window, steps - step)
-            chunk = list(islice(rows, window * local_batch_size))
-            if len(chunk) < window * local_batch_size and not warned_short:
-                warned_short = True
-                logger.warning(
-                    "data iterator ran out at step %d of %d; repeating samples to keep the step "
-                    "count equal across ranks",
-                    step + len(chunk) // local_batch_size,
-                    steps,
-                )
-            if window == 1:
-                groups = [[r for r in chunk if stats._saw(r)]]
-            else:
-                groups = group_by_shape([r for r in chunk if stats._saw(r)], local_batch_size)
-                groups = [groups[i] for i in rng.permutation(len(groups))]
-            groups += [[] for _ in range(window - len(groups))]
-            for valid in groups:
-                pool = valid or previous
-                if not pool:
-                    # Nothing valid yet on this rank: borrow the next valid row of the stream.
-                    pool = list(_first_valid(rows, stats))
-                    if not pool:
-                        raise RuntimeError(
-                            "no valid training record reached this worker; all were corrupt"
-                        )
-                fill = [pool[i % len(pool)] for i in range(local_batch_size - len(valid))]
-                stats.filled += len(fill)
-                stats.samples += local_batch_size
-                previous = pool
-                step += 1
-                yield collate_train(valid + fill, image_dtype)
+        for window, chunk in _windows(rows, steps, group_window, local_batch_size):
+            for valid in _window_batches(chunk, window, local_batch_size, stats, rng):
+                batch, previous = _filled(valid, previous, rows, local_batch_size, stats)
+                yield collate_train(batch, image_dtype)
     finally:
         rows.close()  # stop Ray's prefetching for this epoch
+
+
+def _windows(
+    rows: Iterator[dict[str, Any]], steps: int, group_window: int, batch_size: int
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(window, chunk): the rows of `window` steps at a time, `steps` steps in all.
+
+    A chunk may be short (the stream ran out); the first short one is warned about.
+    """
+    warned_short = False
+    step = 0
+    while step < steps:
+        window = min(group_window, steps - step)
+        chunk = list(islice(rows, window * batch_size))
+        if len(chunk) < window * batch_size and not warned_short:
+            warned_short = True
+            logger.warning(
+                "data iterator ran out at step %d of %d; repeating samples to keep the step "
+                "count equal across ranks",
+                step + len(chunk) // batch_size,
+                steps,
+            )
+        yield window, chunk
+        step += window
+
+
+def _window_batches(
+    chunk: list[dict[str, Any]],
+    window: int,
+    batch_size: int,
+    stats: ReaderStats,
+    rng: np.random.Generator,
+) -> list[list[dict[str, Any]]]:
+    """The valid rows of one window's `chunk` as `window` batches, some short or empty.
+
+    With `window` 1 the batch is the stream's; else the rows are grouped by shape and the
+    groups come in a seeded order.
+    """
+    valid = [r for r in chunk if stats._saw(r)]
+    if window == 1:
+        groups = [valid]
+    else:
+        groups = group_by_shape(valid, batch_size)
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    return groups + [[] for _ in range(window - len(groups))]
+
+
+def _filled(
+    valid: list[dict[str, Any]],
+    previous: list[dict[str, Any]],
+    rows: Iterator[dict[str, Any]],
+    batch_size: int,
+    stats: ReaderStats,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`valid` filled up to `batch_size` rows with repeats.
+
+    The repeats come from `valid`, else from `previous` (the last batch's pool), else from the
+    next valid row of `rows`.
+
+    Returns:
+        (the batch's rows, the pool its repeats came from: the next batch's `previous`).
+
+    Raises:
+        RuntimeError: no valid row to repeat, in the whole stream.
+    """
+    pool = valid or previous
+    if not pool:
+        # Nothing valid yet on this rank: borrow the next valid row of the stream.
+        pool = list(_first_valid(rows, stats))
+        if not pool:
+            raise RuntimeError("no valid training record reached this worker; all were corrupt")
+    fill = [pool[i % len(pool)] for i in range(batch_size - len(valid))]
+    stats.filled += len(fill)
+    stats.samples += batch_size
+    return valid + fill, pool
 
 
 def in_background(
@@ -194,33 +239,12 @@ def in_background(
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for images, targets in batches:
-                if pin_memory:
-                    images = [i.pin_memory() for i in images]
-                    targets = [{k: v.pin_memory() for k, v in t.items()} for t in targets]
-                if not put((images, targets)):
-                    return
-            put(done)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            put(err)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread = threading.Thread(
+        target=_produce,
+        args=(batches, ready, stop, done, pin_memory),
+        name="batch-prefetch",
+        daemon=True,
+    )
     thread.start()
     try:
         while True:
@@ -233,6 +257,41 @@ def in_background(
     finally:
         stop.set()
         thread.join()
+
+
+def _produce(
+    batches: Iterator[tuple[list[Tensor], list[dict[str, Tensor]]]],
+    ready: queue.Queue[Any],
+    stop: threading.Event,
+    done: object,
+    pin_memory: bool,
+) -> None:
+    """`in_background`'s thread: every batch (pinned) into `ready`, then `done` or the error."""
+    try:
+        for images, targets in batches:
+            if pin_memory:
+                images = [i.pin_memory() for i in images]
+                targets = [{k: v.pin_memory() for k, v in t.items()} for t in targets]
+            if not _put(ready, stop, (images, targets)):
+                return
+        _put(ready, stop, done)
+    except BaseException as err:  # noqa: BLE001 - handed to the consumer
+        _put(ready, stop, err)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _put(ready: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
+    """Put `item` into `ready` unless `stop` is set first (the consumer left); False if so."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def group_by_shape(rows: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
