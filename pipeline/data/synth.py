@@ -76,18 +76,7 @@ def write_synthetic(
     Raises:
         ValueError: a bad parameter, or `out` already holds the other format's layout.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
-    if n_images < 0:
-        raise ValueError(f"n_images: expected >= 0, got {n_images}")
-    if seed < 0:
-        raise ValueError(f"seed: expected >= 0, got {seed}")
-    if not 32 <= min_size <= max_size:
-        raise ValueError(
-            f"min_size/max_size: need 32 <= min_size <= max_size, got {min_size}/{max_size}"
-        )
-    if not split or "/" in split or "\\" in split:
-        raise ValueError(f"split: expected a plain folder name, got {split!r}")
+    _check_parameters(fmt, n_images, seed, split, min_size, max_size)
     out = Path(out)
     other = existing_layout(out)
     if other is not None and other != fmt:
@@ -104,6 +93,24 @@ def write_synthetic(
         _write_mvd(rendered, out, seed, split)
     _write_readme(out, fmt, n_images, seed, split, min_size, max_size)
     return out
+
+
+def _check_parameters(
+    fmt: str, n_images: int, seed: int, split: str, min_size: int, max_size: int
+) -> None:
+    """Raise a ValueError naming the first bad parameter of `write_synthetic`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
+    if n_images < 0:
+        raise ValueError(f"n_images: expected >= 0, got {n_images}")
+    if seed < 0:
+        raise ValueError(f"seed: expected >= 0, got {seed}")
+    if not 32 <= min_size <= max_size:
+        raise ValueError(
+            f"min_size/max_size: need 32 <= min_size <= max_size, got {min_size}/{max_size}"
+        )
+    if not split or "/" in split or "\\" in split:
+        raise ValueError(f"split: expected a plain folder name, got {split!r}")
 
 
 def existing_layout(root: Path) -> str | None:
