@@ -64,7 +64,7 @@ def augmented_rows(shards: Path, n: int, job: Any) -> tuple[list[dict[str, Any]]
 
 
 def batches(rows: list[dict[str, Any]], batch: int, window: int) -> list[tuple[list, list]]:
-    from pipeline.data.reader import iter_train_batches
+    from pipeline.data.batches import iter_train_batches
 
     steps = len(rows) // batch
     return list(iter_train_batches(Rows(rows), batch, steps, group_window=window, seed=0))

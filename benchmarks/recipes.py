@@ -41,8 +41,9 @@ DEFAULT_RECIPES = (
 def train_batches(shards: Path, job: Any, labels: dict[int, int]) -> Any:
     """Endless training batches: each epoch in a seeded file order, augmented and grouped."""
     from pipeline.data.augment import augment_table
+    from pipeline.data.batches import iter_train_batches
     from pipeline.data.manifest import iter_records, load_manifest
-    from pipeline.data.reader import iter_train_batches, steps_per_epoch
+    from pipeline.data.reader import steps_per_epoch
 
     records = list(iter_records(shards))
     steps = steps_per_epoch(load_manifest(shards), job.solver.ims_per_batch)

@@ -69,8 +69,9 @@ def plain_loop(shards: dict[str, Path], job: Any, log_every: int) -> dict[str, f
     """
     from grouping import Rows  # benchmarks/ is on sys.path when run as a script
 
+    from pipeline.data.batches import in_background, iter_train_batches
     from pipeline.data.manifest import load_manifest
-    from pipeline.data.reader import in_background, iter_train_batches, label_map, steps_per_epoch
+    from pipeline.data.reader import label_map, steps_per_epoch
     from pipeline.ray_session import use_worker_onednn_cache
     from pipeline.train.loop import build_training
     from pipeline.train.step import train_step

@@ -163,8 +163,25 @@ class JobConfig:
     def validate(self) -> None:
         """Cross-field checks that need no cluster; raises ValueError naming the key."""
         self.model.validate()
-        s, sc = self.solver, self.scaling
         require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
+        self._validate_scaling_and_solver()
+        self._validate_checkpoint_and_eval()
+        require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
+        require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
+        require(self.data.decode_cpus > 0, "data.decode_cpus", "> 0")
+        require(self.data.decode_concurrency >= 0, "data.decode_concurrency", ">= 0 (0: no cap)")
+        require(self.data.group_window >= 1, "data.group_window", ">= 1 (1 turns grouping off)")
+        require(self.log_every >= 1, "log_every", ">= 1")
+        try:
+            self.augment()
+        except ValueError as err:
+            raise ValueError(f"config key 'data.train_scales': {err}") from err
+        require(bool(self.data.train), "data.train", "the training shard directory")
+        require(bool(self.data.val), "data.val", "the validation shard directory")
+
+    def _validate_scaling_and_solver(self) -> None:
+        """`validate`'s checks of `scaling` and `solver` (the batch is split over the workers)."""
+        s, sc = self.solver, self.scaling
         require(sc.num_workers >= 1, "scaling.num_workers", ">= 1")
         require(
             0 <= sc.min_workers <= sc.num_workers,
@@ -192,6 +209,10 @@ class JobConfig:
         require(all(0 <= b < 1 for b in s.betas), "solver.betas", "two values in [0, 1)")
         require(s.warmup_steps >= 0, "solver.warmup_steps", ">= 0")
         require(s.max_bad_steps >= 0, "solver.max_bad_steps", ">= 0")
+
+    def _validate_checkpoint_and_eval(self) -> None:
+        """`validate`'s checks of `checkpoint` and `eval` (their steps must line up)."""
+        s, sc = self.solver, self.scaling
         require(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
         require(self.checkpoint.keep_best >= 1, "checkpoint.keep_best", ">= 1")
         require(self.eval.every_steps >= 0, "eval.every_steps", ">= 0")
@@ -209,18 +230,6 @@ class JobConfig:
             "for rank 0's COCOeval",
         )
         require(self.eval.batch_size >= 1, "eval.batch_size", ">= 1")
-        require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
-        require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
-        require(self.data.decode_cpus > 0, "data.decode_cpus", "> 0")
-        require(self.data.decode_concurrency >= 0, "data.decode_concurrency", ">= 0 (0: no cap)")
-        require(self.data.group_window >= 1, "data.group_window", ">= 1 (1 turns grouping off)")
-        require(self.log_every >= 1, "log_every", ">= 1")
-        try:
-            self.augment()
-        except ValueError as err:
-            raise ValueError(f"config key 'data.train_scales': {err}") from err
-        require(bool(self.data.train), "data.train", "the training shard directory")
-        require(bool(self.data.val), "data.val", "the validation shard directory")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

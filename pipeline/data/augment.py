@@ -8,7 +8,7 @@ from the transformed masks, which keeps them aligned with the image by construct
 
 A record that cannot be decoded (bad image bytes, bad RLE, wrong size, unknown category) does
 not raise: it comes back as a row with `valid=False` and a `reason`, so the consumer can keep
-its step count fixed (see `reader.iter_train_batches`).
+its step count fixed (see `batches.iter_train_batches`).
 """
 
 from __future__ import annotations
@@ -353,6 +353,23 @@ def _invalid_train_row(row: Mapping[str, Any], reason: str) -> dict[str, Any]:
     }
 
 
+def _train_labels(
+    anns: Sequence[Mapping[str, Any]], label_map: Mapping[int, int] | None
+) -> list[int]:
+    """The training label of each annotation (its category id if `label_map` is None).
+
+    Raises:
+        RecordError: a category the manifest does not list.
+    """
+    labels = []
+    for a in anns:
+        cat = int(a["category_id"])
+        if label_map is not None and cat not in label_map:
+            raise RecordError(f"bad record: category_id {cat} not in the manifest")
+        labels.append(label_map[cat] if label_map is not None else cat)
+    return labels
+
+
 def augment_record(
     row: Mapping[str, Any],
     aug: AugmentConfig,
@@ -383,13 +400,7 @@ def augment_record(
 
         anns = row.get("annotations") or []
         kept = [a for a in anns if not a["iscrowd"]]
-        labels = []
-        for a in kept:
-            cat = int(a["category_id"])
-            if label_map is not None and cat not in label_map:
-                raise RecordError(f"bad record: category_id {cat} not in the manifest")
-            labels.append(label_map[cat] if label_map is not None else cat)
-
+        labels = _train_labels(kept, label_map)
         image = decode_resize_image(row["image"], height, width, size, flip)
         rles, boxes, areas = transform_rles([a["rle"] for a in kept], height, width, size, flip)
     except RecordError as e:

@@ -200,44 +200,10 @@ def plan_mvd(root: str | Path, split: str, version: str | None = None) -> Conver
         raise DataError(f"{root}: Mapillary Vistas root not found")
     version = _pick_version(root, version)
     config, labels = _load_labels(root, version)
-    categories = []
-    for i, label in enumerate(labels):
-        if label.get("instances"):
-            color = label.get("color")
-            categories.append(
-                {
-                    "id": i,
-                    "name": str(label.get("name", i)),
-                    "color": list(color) if isinstance(color, list) else [0, 0, 0],
-                    "readable": str(label.get("readable", "")),
-                }
-            )
-    if not (root / split).is_dir():
-        found = sorted(d.name for d in root.iterdir() if (d / "images").is_dir())
-        raise DataError(
-            f"{root / split}: split {split!r} not found; the splits under {root} are "
-            f"{', '.join(found) or 'none'} (--split names a folder <root>/<split>/images)"
-        )
-    images_dir = root / split / "images"
-    instances_dir = root / split / version / "instances"
-    if not instances_dir.is_dir() and (root / split / "instances").is_dir():
-        instances_dir = root / split / "instances"  # the v1.x release
-    for d in (root / split, images_dir, instances_dir):
-        if not d.is_dir():
-            raise DataError(
-                f"{d}: not found; expected the Mapillary Vistas layout <root>/<split>/images and "
-                f"<root>/<split>/{version}/instances"
-            )
-    image_files = {
-        p.stem: p.name
-        for p in sorted(images_dir.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    }
-    instance_files = {
-        p.stem: p.name
-        for p in sorted(instances_dir.iterdir())
-        if p.is_file() and p.suffix.lower() == ".png"
-    }
+    categories = _thing_categories(labels)
+    images_dir, instances_dir = _split_folders(root, split, version)
+    image_files = _files_by_key(images_dir, IMAGE_SUFFIXES)
+    instance_files = _files_by_key(instances_dir, (".png",))
     keys = sorted(set(image_files) | set(instance_files))
     items = [(i, image_files.get(k), instance_files.get(k)) for i, k in enumerate(keys)]
     source = {
@@ -263,6 +229,57 @@ def plan_mvd(root: str | Path, split: str, version: str | None = None) -> Conver
         },
         fingerprint=fingerprint("mvd", source, labels, items),
     )
+
+
+def _thing_categories(labels: list[dict]) -> list[dict]:
+    """The manifest's categories: the labels with instances, their list position as id."""
+    categories = []
+    for i, label in enumerate(labels):
+        if label.get("instances"):
+            color = label.get("color")
+            categories.append(
+                {
+                    "id": i,
+                    "name": str(label.get("name", i)),
+                    "color": list(color) if isinstance(color, list) else [0, 0, 0],
+                    "readable": str(label.get("readable", "")),
+                }
+            )
+    return categories
+
+
+def _split_folders(root: Path, split: str, version: str) -> tuple[Path, Path]:
+    """The split's images and instances folders.
+
+    Raises:
+        DataError: the split, or one of its folders, is missing.
+    """
+    if not (root / split).is_dir():
+        found = sorted(d.name for d in root.iterdir() if (d / "images").is_dir())
+        raise DataError(
+            f"{root / split}: split {split!r} not found; the splits under {root} are "
+            f"{', '.join(found) or 'none'} (--split names a folder <root>/<split>/images)"
+        )
+    images_dir = root / split / "images"
+    instances_dir = root / split / version / "instances"
+    if not instances_dir.is_dir() and (root / split / "instances").is_dir():
+        instances_dir = root / split / "instances"  # the v1.x release
+    for d in (root / split, images_dir, instances_dir):
+        if not d.is_dir():
+            raise DataError(
+                f"{d}: not found; expected the Mapillary Vistas layout <root>/<split>/images and "
+                f"<root>/<split>/{version}/instances"
+            )
+    return images_dir, instances_dir
+
+
+def _files_by_key(folder: Path, suffixes: tuple[str, ...]) -> dict[str, str]:
+    """Image key (file stem) -> file name, for the files of `folder` with one of `suffixes`."""
+    return {
+        p.stem: p.name
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix.lower() in suffixes
+    }
 
 
 def mvd_item_source(item: tuple[int, str | None, str | None], context: dict) -> str:

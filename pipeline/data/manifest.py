@@ -221,14 +221,6 @@ def build_manifest(
         crowd.update({int(k): v for k, v in m["crowd"].items()})
         skipped.extend(m["skipped"])
     ids = [c["id"] for c in categories]
-    image_size = None
-    if sizes:
-        image_size = {
-            "min_height": min(s[0] for s in sizes),
-            "max_height": max(s[1] for s in sizes),
-            "min_width": min(s[2] for s in sizes),
-            "max_width": max(s[3] for s in sizes),
-        }
     return {
         "format_version": FORMAT_VERSION,
         "complete": True,
@@ -240,7 +232,7 @@ def build_manifest(
         "shards": shards,
         "instance_counts": {str(i): instances[i] for i in ids},
         "crowd_counts": {str(i): crowd[i] for i in ids},
-        "image_size": image_size,
+        "image_size": _image_size(sizes),
         "skipped": skipped,
         "totals": {
             "images": run["items"],
@@ -252,4 +244,17 @@ def build_manifest(
             "shards": len(shards),
             "bytes": sum(s["bytes"] for s in shards),
         },
+    }
+
+
+def _image_size(sizes: list[list[int]]) -> dict[str, int] | None:
+    """The extremes of the shards' image sizes ([min_h, max_h, min_w, max_w] each), or None if
+    no shard has rows."""
+    if not sizes:
+        return None
+    return {
+        "min_height": min(s[0] for s in sizes),
+        "max_height": max(s[1] for s in sizes),
+        "min_width": min(s[2] for s in sizes),
+        "max_width": max(s[3] for s in sizes),
     }

@@ -25,6 +25,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -218,10 +219,7 @@ def _write_local(
     _prepare_out(out, run, resume)
 
     markers = _reusable_markers(out, n_shards, run_id) if resume else {}
-    todo = [k for k in range(n_shards) if k not in markers]
-    for k in todo:  # a half-finished or stale shard k must not survive next to the new one
-        (out / shard_name(k)).unlink(missing_ok=True)
-        marker_path(out, k).unlink(missing_ok=True)
+    todo = _clear_todo(out, n_shards, markers)
     reused = len(markers)
     prog = Progress(
         n_items,
@@ -230,19 +228,7 @@ def _write_local(
         stream=stream,
         enabled=progress,
     )
-
-    def task(k: int) -> ShardTask:
-        return ShardTask(
-            out=str(out),
-            index=k,
-            items=list(plan.items[k * shard_size : (k + 1) * shard_size]),
-            convert_item=plan.convert_item,
-            item_source=plan.item_source,
-            context=plan.context,
-            strict=strict,
-            run_id=run_id,
-        )
-
+    task = partial(_shard_task, plan, out, shard_size, strict, run_id)
     if workers == 1 or len(todo) <= 1:
         _run_inline(todo, task, markers, prog, on_shard_done)
     else:
@@ -263,6 +249,31 @@ def _write_local(
             flush=True,
         )
     return manifest
+
+
+def _clear_todo(out: Path, n_shards: int, markers: dict[int, dict]) -> list[int]:
+    """The shards to write (those without a kept marker), their old files removed."""
+    todo = [k for k in range(n_shards) if k not in markers]
+    for k in todo:  # a half-finished or stale shard k must not survive next to the new one
+        (out / shard_name(k)).unlink(missing_ok=True)
+        marker_path(out, k).unlink(missing_ok=True)
+    return todo
+
+
+def _shard_task(
+    plan: ConversionPlan, out: Path, shard_size: int, strict: bool, run_id: str, k: int
+) -> ShardTask:
+    """The task of writing shard `k` of `plan`."""
+    return ShardTask(
+        out=str(out),
+        index=k,
+        items=list(plan.items[k * shard_size : (k + 1) * shard_size]),
+        convert_item=plan.convert_item,
+        item_source=plan.item_source,
+        context=plan.context,
+        strict=strict,
+        run_id=run_id,
+    )
 
 
 def _write_to_object_storage(plan: ConversionPlan, out: str, **options: Any) -> dict:

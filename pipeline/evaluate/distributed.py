@@ -39,7 +39,7 @@ def infer(
 
     Args:
         model: a detection model (`build_panet`), possibly DDP-wrapped.
-        batches: (images, targets) pairs, e.g. `reader.iter_eval_batches`: float (3, H, W)
+        batches: (images, targets) pairs, e.g. `batches.iter_eval_batches`: float (3, H, W)
             images at their original size and targets with at least "image_id" (int or 0-d
             tensor).
         inverse_label_map: contiguous label -> dataset category id.

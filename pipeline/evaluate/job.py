@@ -168,7 +168,7 @@ def eval_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from panet_model import build_panet
-    from pipeline.data.reader import iter_eval_batches
+    from pipeline.data.batches import iter_eval_batches
     from pipeline.evaluate.distributed import evaluate
     from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics
     from pipeline.failures import setup_or_none

@@ -23,7 +23,7 @@ from torch import nn
 from panet_model import build_panet
 from pipeline import tracking
 from pipeline.config import JobConfig
-from pipeline.data.reader import (
+from pipeline.data.batches import (
     ReaderStats,
     in_background,
     iter_eval_batches,

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pipeline import tracking
 from pipeline.config import JobConfig
-from pipeline.data.reader import ReaderStats
+from pipeline.data.batches import ReaderStats
 from pipeline.train.step import world
 
 

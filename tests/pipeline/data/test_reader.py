@@ -15,15 +15,9 @@ import pytest
 import torch
 
 from pipeline.data.augment import AugmentConfig, augment_table, decode_eval_table
+from pipeline.data.batches import ReaderStats, iter_eval_batches, iter_train_batches
 from pipeline.data.collate import collate_eval, collate_train
-from pipeline.data.reader import (
-    ReaderStats,
-    inverse_label_map,
-    iter_eval_batches,
-    iter_train_batches,
-    label_map,
-    steps_per_epoch,
-)
+from pipeline.data.reader import inverse_label_map, label_map, steps_per_epoch
 from pipeline.data.records import FORMAT_VERSION, MANIFEST_NAME, RECORD_SCHEMA
 from tests.pipeline.data.test_augment import make_record
 
@@ -196,7 +190,7 @@ def test_collate_eval_format():
 def test_iter_train_batches_fills_corrupt_slots_from_the_same_batch(caplog):
     table = samples([record(1), corrupt_image(2), record(3), bad_rle(4), record(5), record(6)])
     stats = ReaderStats()
-    with caplog.at_level("WARNING", logger="pipeline.data.reader"):
+    with caplog.at_level("WARNING", logger="pipeline.data.batches"):
         batches = list(iter_train_batches(ListIterator(table), 3, steps=2, stats=stats))
     assert len(batches) == 2 and all(len(b[0]) == len(b[1]) == 3 for b in batches)
     ids = [[t["image_id"].item() for t in b[1]] for b in batches]

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.data import synth
-from pipeline.data.synth import SHAPE_CLASSES, mvd_key, write_synthetic
+from pipeline.data import synth, synth_scenes
+from pipeline.data.synth import mvd_key, write_synthetic
+from pipeline.data.synth_scenes import SHAPE_CLASSES
 
 N_IMAGES = 60
 SEED = 7
@@ -149,7 +150,7 @@ def test_coco_content_covers_classes_sizes_empties(coco: COCO) -> None:
     assert (areas >= 96**2).sum() >= 3
     counts = [len(coco.getAnnIds(imgIds=i, iscrowd=False)) for i in coco.getImgIds()]
     assert 1 <= counts.count(0) <= N_IMAGES // 5
-    assert max(counts) <= synth.MAX_INSTANCES
+    assert max(counts) <= synth_scenes.MAX_INSTANCES
     # A non-ring instance stored as RLE is one that later shapes cover in part.
     ring = next(c.category_id for c in SHAPE_CLASSES if c.name == "ring")
     occluded = [a for a in anns if isinstance(a["segmentation"], dict) and a["category_id"] != ring]
@@ -224,13 +225,17 @@ def test_scenes_paint_exactly_their_masks_and_occlude_partly() -> None:
     """Before JPEG: each instance's pixels show its class hue, all other pixels are greyish."""
     partly_hidden = 0
     for index in range(40):
-        scene = synth._render_scene(np.random.default_rng(index), 160, 320, crowd_probability=0.0)
+        scene = synth_scenes.render_scene(
+            np.random.default_rng(index), 160, 320, crowd_probability=0.0
+        )
         hsv = np.asarray(Image.fromarray(scene.image).convert("HSV")).astype(np.float64) / 255.0
         for k, inst in enumerate(scene.instances):
             visible = scene.visible(k)
             assert not (visible & ~inst.full).any()
             area = int(visible.sum())
-            assert area >= max(synth.MIN_VISIBLE_PX, synth.MIN_VISIBLE_FRACTION * inst.full_area)
+            assert area >= max(
+                synth_scenes.MIN_VISIBLE_PX, synth_scenes.MIN_VISIBLE_FRACTION * inst.full_area
+            )
             partly_hidden += area < inst.full_area
             turn = hsv[..., 0][visible] - SHAPE_CLASSES[inst.class_index].hue
             off = np.abs(np.angle(np.exp(2j * np.pi * turn))) / (2 * np.pi)

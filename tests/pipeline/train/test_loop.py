@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import load_job_config
+from pipeline.data.batches import in_background
 from pipeline.data.collate import collate_train, to_float_image
-from pipeline.data.reader import in_background
 from pipeline.train import loop, progress
 from pipeline.train.elastic import micro_batches
 from pipeline.train.solver import build_optimizer, build_scheduler, lr_factor
