@@ -10,6 +10,7 @@ its own submodules is the package's interface, not a cycle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,11 @@ CHECKED = (
     "pipeline.args",
     "pipeline.submit",
     "pipeline.train",
+    "pipeline.tune",
+    "pipeline.predict",
+    "pipeline.config",
+    "pipeline.storage",
+    "pipeline.demo",
 )
 # Modules of the checked packages known to be over MAX_LINES: a new one fails the test, and one
 # that is split must leave this list.
@@ -39,8 +45,8 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted((REPO / "pipeline").rglob("*.py"))}
+def modules(root: str = "pipeline") -> dict[str, Path]:
+    return {module_name(p): p for p in sorted((REPO / root).rglob("*.py"))}
 
 
 def _type_checking_only(node: ast.If) -> bool:
@@ -179,3 +185,52 @@ def test_nothing_imports_the_command_registry() -> None:
     checked = reachable(graph, "pipeline.submit.check")
     parts = ("data", "train", "evaluate", "tune", "predict")
     assert {f"pipeline.{part}.cli" for part in parts} <= checked
+
+
+# docs/design.md's "A switch's path": the files a model switch crosses from each command.
+SWITCH_HEADING = "### A switch's path"
+MAX_SWITCH_FILES = 4  # from the command's cli.py to the first file of panet_model, both counted
+
+
+def switch_paths(text: str) -> dict[str, list[str]]:
+    """{label: [file, ...]} of the section's list items (`panet eval`, inside the model)."""
+    section = text.split(SWITCH_HEADING, 1)[1].split("\n#", 1)[0]
+    items = re.split(r"^- ", section, flags=re.M)[1:]
+    paths = {}
+    for item in items:
+        label, _, rest = item.partition(":")
+        paths[label.strip("` ")] = re.findall(r"`([\w/]+\.py)`", rest)
+    return paths
+
+
+def test_a_switch_reaches_the_model_as_the_design_says() -> None:
+    """Each command's path in docs/design.md: real files, each importing the next, the command's
+    own cli.py first, at most MAX_SWITCH_FILES to panet_model, and the model's `if` at the end."""
+    mods = {**modules("pipeline"), **modules("panet_model")}
+    graph = {name: imports(path, set(mods)) for name, path in mods.items()}
+    paths = switch_paths((REPO / "docs" / "design.md").read_text(encoding="utf-8"))
+    commands = {label: files for label, files in paths.items() if label.startswith("panet ")}
+    assert {label.split()[1] for label in commands} == {"train", "eval", "predict"}
+    for label, files in paths.items():
+        assert len(files) >= 2, label
+        for file in files:
+            assert (REPO / file).is_file(), f"{label}: {file}"
+        for a, b in zip(files, files[1:]):
+            importer, imported = module_name(REPO / a), module_name(REPO / b)
+            # `from panet_model import build_panet`: the package's interface stands for its module
+            package = imported.rpartition(".")[0]
+            via_package = package in graph[importer] and f"from {imported} import" in (
+                mods[package].read_text(encoding="utf-8")
+            )
+            assert imported in graph[importer] or via_package, f"{label}: {a} -> {b}"
+    for label, files in commands.items():
+        cli = REPO / files[0]
+        assert cli.name == "cli.py" and f'"{label.split()[1]}"' in cli.read_text(), label
+        first = next(i for i, f in enumerate(files) if f.startswith("panet_model/"))
+        assert first + 1 <= MAX_SWITCH_FILES, label
+        assert files[first] == paths["inside the model"][0], label
+    assert "test.flip" in (REPO / paths["inside the model"][-1]).read_text()
+    # Where the switch is typed and checked, as the paragraph says.
+    assert "pipeline.config" in graph["pipeline.train.cli"]
+    for reader in ("pipeline.evaluate.job", "pipeline.predict.predictor"):
+        assert "pipeline.state_file" in graph[reader], reader

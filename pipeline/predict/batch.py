@@ -179,6 +179,18 @@ def check_replica_gpus(
         )
 
 
+def _connect(replicas: int, cpus_per_replica: float, gpus: float) -> None:
+    """Ray, with room for the replicas; GPU replicas are checked against the cluster's GPUs."""
+    # A logical CPU beyond the replicas' for the read tasks that feed them.
+    ray_session.connect(min_cpus=replicas * cpus_per_replica + 1)
+    if gpus:
+        import ray
+
+        check_replica_gpus(
+            replicas, gpus, ray.cluster_resources(), ray_session.autoscaler_max_resources()
+        )
+
+
 def predict_with_ray(
     source: str,
     files: list[str],
@@ -218,14 +230,7 @@ def predict_with_ray(
 
     device, gpus = replica_device(options.get("device", "auto"), gpus_per_replica)
     options = {**options, "device": device}
-    # A logical CPU beyond the replicas' for the read tasks that feed them.
-    ray_session.connect(min_cpus=replicas * cpus_per_replica + 1)
-    if gpus:
-        import ray
-
-        check_replica_gpus(
-            replicas, gpus, ray.cluster_resources(), ray_session.autoscaler_max_resources()
-        )
+    _connect(replicas, cpus_per_replica, gpus)
     ds = build_dataset(files, shards, batch_size)
     predicted = ds.map_batches(
         PredictActor,
@@ -241,9 +246,14 @@ def predict_with_ray(
         num_cpus=cpus_per_replica,
         num_gpus=gpus,
     )
+    summary = _write(predicted, out, categories, total)
+    summary["replicas"] = replicas
+    return summary
+
+
+def _write(predicted: Any, out: Path, categories: dict[int, str], total: int) -> dict[str, Any]:
+    """The replicas' rows into results.json, images.json and Parquet, as they stream in."""
     writer = ResultWriter(out, categories, total, parquet=True)
     for batch in predicted.iter_batches(batch_format="pyarrow", batch_size=None):
         writer.add(batch.to_pylist())
-    summary = writer.close()
-    summary["replicas"] = replicas
-    return summary
+    return writer.close()

@@ -86,16 +86,10 @@ def run(args: argparse.Namespace) -> int:
     """Check everything that can be checked before loading a model or starting Ray, then run."""
     from pipeline.config import parse_set
     from pipeline.predict.images import collect_inputs
-    from pipeline.predict.predictor import is_mlflow_model, load_predictor, tracking_uri_for
+    from pipeline.predict.predictor import is_mlflow_model, load_predictor
 
     if args.register:
-        if not args.model.startswith(("models:/", "runs:/")):
-            raise ValueError("--register needs an MLflow --model URI (models:/... or runs:/...)")
-        from pipeline import tracking
-
-        uri = tracking_uri_for(args.model, args.tracking_uri)
-        version = tracking.register_model(uri, args.model, args.register)
-        print(f"registered {args.model} as models:/{args.register}/{version}")
+        _register(args)
         if not args.inputs:
             return 0
     if not args.inputs:
@@ -130,26 +124,51 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.ray:
-        from pipeline.predict.batch import predict_with_ray
-
-        summary = predict_with_ray(
-            args.model,
-            files,
-            shards,
-            out,
-            options=options,
-            categories=predictor.categories,
-            total=total,
-            replicas=args.replicas,
-            batch_size=args.batch_size,
-            cpus_per_replica=args.cpus_per_replica,
-            gpus_per_replica=args.gpus_per_replica,
-            pictures=not args.no_pictures,
-        )
+        summary = _predict_on_ray(args, files, shards, options, predictor.categories, total)
     else:
         summary = predict_locally(predictor, files, shards, out, total, not args.no_pictures)
     print(f"[predict] done: {done_line(summary, total)} -> {out}", flush=True)
     return 0 if summary["images"] > 0 else 1
+
+
+def _register(args: argparse.Namespace) -> None:
+    """`--register NAME`: the MLflow --model as a new version of NAME."""
+    from pipeline.predict.predictor import tracking_uri_for
+
+    if not args.model.startswith(("models:/", "runs:/")):
+        raise ValueError("--register needs an MLflow --model URI (models:/... or runs:/...)")
+    from pipeline import tracking
+
+    uri = tracking_uri_for(args.model, args.tracking_uri)
+    version = tracking.register_model(uri, args.model, args.register)
+    print(f"registered {args.model} as models:/{args.register}/{version}")
+
+
+def _predict_on_ray(
+    args: argparse.Namespace,
+    files: list[str],
+    shards: list[str],
+    options: dict[str, Any],
+    categories: Any,
+    total: int,
+) -> dict[str, Any]:
+    """`--ray`: the inputs through a Ray Data pool of model replicas; the writer's summary."""
+    from pipeline.predict.batch import predict_with_ray
+
+    return predict_with_ray(
+        args.model,
+        files,
+        shards,
+        Path(args.out),
+        options=options,
+        categories=categories,
+        total=total,
+        replicas=args.replicas,
+        batch_size=args.batch_size,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        pictures=not args.no_pictures,
+    )
 
 
 def done_line(summary: dict[str, Any], total: int) -> str:

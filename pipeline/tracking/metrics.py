@@ -135,22 +135,11 @@ def log_metrics(
     Returns:
         The number of metric values logged.
     """
-    from mlflow.entities import Metric
-
     with _offline_lock:
         offline = time.monotonic() < _offline_until.get(tracking_uri, 0.0)
     if offline:
         return 0
-    timestamp = int(time.time() * 1000)
-    batch: dict[str, Metric] = {}
-    for name, raw in metrics.items():
-        value = _metric_value(raw)
-        if value is None:
-            warnings.warn(f"metric {name!r} is not a number: {raw!r}", RuntimeWarning, stacklevel=2)
-            continue
-        key = mlflow_name(str(name))
-        batch[key] = Metric(key, value, timestamp, int(step))
-    entries = list(batch.values())
+    entries = _metric_entries(metrics, step)
     logged = 0
     try:
         client = mlflow_client(tracking_uri)
@@ -168,17 +157,42 @@ def log_metrics(
             )
             logged += len(chunk)
         except Exception as err:
-            unreachable = not is_client_error(err)
-            if unreachable:
-                with _offline_lock:
-                    _offline_until[tracking_uri] = time.monotonic() + offline_cooldown
-            warnings.warn(
-                f"dropped {len(chunk)} metrics at step {step} for run {run_id} "
-                f"({tracking_uri!r}): {type(err).__name__}: {short_error(err)}"
-                + (f"; not logging metrics for {offline_cooldown:.0f} s" if unreachable else ""),
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            if unreachable:
+            if _dropped(err, len(chunk), step, run_id, tracking_uri, offline_cooldown):
                 break
     return logged
+
+
+def _metric_entries(metrics: Mapping[str, Any], step: int) -> list[Any]:
+    """MLflow `Metric`s under MLflow's names, one per name; a value that is not a number is
+    skipped with a warning pointing at `log_metrics`'s caller."""
+    from mlflow.entities import Metric
+
+    timestamp = int(time.time() * 1000)
+    batch: dict[str, Metric] = {}
+    for name, raw in metrics.items():
+        value = _metric_value(raw)
+        if value is None:
+            warnings.warn(f"metric {name!r} is not a number: {raw!r}", RuntimeWarning, stacklevel=3)
+            continue
+        key = mlflow_name(str(name))
+        batch[key] = Metric(key, value, timestamp, int(step))
+    return list(batch.values())
+
+
+def _dropped(
+    err: Exception, count: int, step: int, run_id: str, tracking_uri: str, offline_cooldown: float
+) -> bool:
+    """Warn that a batch was dropped; an unreachable store (not a client error) is taken as
+    offline for `offline_cooldown` seconds. Returns whether it is, so the rest is not tried."""
+    unreachable = not is_client_error(err)
+    if unreachable:
+        with _offline_lock:
+            _offline_until[tracking_uri] = time.monotonic() + offline_cooldown
+    warnings.warn(
+        f"dropped {count} metrics at step {step} for run {run_id} "
+        f"({tracking_uri!r}): {type(err).__name__}: {short_error(err)}"
+        + (f"; not logging metrics for {offline_cooldown:.0f} s" if unreachable else ""),
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return unreachable

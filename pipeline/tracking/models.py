@@ -107,8 +107,27 @@ def log_model(
         The model URI, `models:/<model_id>`: `mlflow.pytorch.load_model(uri)` loads it.
     """
     import mlflow.pytorch
-    import torch
 
+    model_id = _create_logged_model(tracking_uri, run_id, name)
+    with _on_cpu_for_eval(model), _global_tracking_uri(tracking_uri):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            run_id=run_id,
+            model_id=model_id,
+            step=step,
+            serialization_format="pickle",
+            pip_requirements=pip_requirements or model_pip_requirements(),
+            code_paths=code_paths,
+            registered_model_name=registered_model_name,
+            await_registration_for=0,
+            metadata=dict(metadata) if metadata else None,
+        )
+    return str(info.model_uri)
+
+
+def _create_logged_model(tracking_uri: str, run_id: str, name: str) -> str:
+    """A LoggedModel of the run's experiment, linked to the run and its params; its id."""
     client = mlflow_client(tracking_uri)
     run = retry(lambda: client.get_run(run_id), "get_run")
     # Created here, in the run's experiment: left to MLflow, a LoggedModel goes to the
@@ -122,28 +141,22 @@ def log_model(
         ),
         "create_logged_model",
     )
+    return str(logged.model_id)
+
+
+@contextmanager
+def _on_cpu_for_eval(model: nn.Module) -> Iterator[None]:
+    """The model on the CPU in eval mode for a block, then back on its device and mode."""
+    import torch
+
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     model.cpu().eval()
     try:
-        with _global_tracking_uri(tracking_uri):
-            info = mlflow.pytorch.log_model(
-                model,
-                name=name,
-                run_id=run_id,
-                model_id=logged.model_id,
-                step=step,
-                serialization_format="pickle",
-                pip_requirements=pip_requirements or model_pip_requirements(),
-                code_paths=code_paths,
-                registered_model_name=registered_model_name,
-                await_registration_for=0,
-                metadata=dict(metadata) if metadata else None,
-            )
+        yield
     finally:
         model.to(device).train(was_training)
-    return str(info.model_uri)
 
 
 def load_model(tracking_uri: str, model_uri: str, map_location: str = "cpu") -> nn.Module:

@@ -91,23 +91,64 @@ def _draw_instances(
     scores = np.asarray(instances.get("scores", np.ones(len(labels))), dtype=np.float64)
     masks = _as_bool_masks(instances.get("masks"), len(labels), (h, w))
     order = [i for i in np.argsort(-scores, kind="stable") if keep[i]]
+    if masks is not None:
+        _draw_masks(ax, masks, labels, order, extent)
+    _draw_boxes(ax, boxes, labels, scores, order, category_names, show_scores)
+    if not order:
+        ax.text(
+            0.5,
+            0.5,
+            empty_text,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=11,
+            color="white",
+            bbox={"facecolor": "0.2", "alpha": 0.6, "pad": 4},
+        )
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw_masks(
+    ax: Any,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    order: list[int],
+    extent: tuple[int, int, int, int],
+) -> None:
+    """Translucent masks with outlines in their category's colour; masks (N, H, W) bool."""
+    h, w = masks.shape[1:]
     # One RGBA layer for all masks; the highest-scoring instance is painted last, on top.
     overlay = np.zeros((h, w, 4), dtype=np.float32)
-    if masks is not None:
-        for i in reversed(order):
-            overlay[masks[i]] = (*category_color(labels[i]), MASK_ALPHA)
-        ax.imshow(overlay, interpolation="nearest", extent=extent)
-        centers_x, centers_y = np.arange(w) + 0.5, np.arange(h) + 0.5
-        for i in order:
-            if masks[i].any():
-                ax.contour(
-                    centers_x,
-                    centers_y,
-                    masks[i].astype(np.float32),
-                    levels=[0.5],
-                    colors=[category_color(labels[i])],
-                    linewidths=1.5,
-                )
+    for i in reversed(order):
+        overlay[masks[i]] = (*category_color(labels[i]), MASK_ALPHA)
+    ax.imshow(overlay, interpolation="nearest", extent=extent)
+    centers_x, centers_y = np.arange(w) + 0.5, np.arange(h) + 0.5
+    for i in order:
+        if masks[i].any():
+            ax.contour(
+                centers_x,
+                centers_y,
+                masks[i].astype(np.float32),
+                levels=[0.5],
+                colors=[category_color(labels[i])],
+                linewidths=1.5,
+            )
+
+
+def _draw_boxes(
+    ax: Any,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    order: list[int],
+    category_names: Mapping[int, str],
+    show_scores: bool,
+) -> None:
+    """Box outlines with "name score" labels on their category's colour."""
     for i in order:
         color = category_color(labels[i])
         x1, y1, x2, y2 = boxes[i]
@@ -127,22 +168,6 @@ def _draw_instances(
             bbox={"facecolor": color, "edgecolor": "none", "alpha": 0.85, "pad": 1.5},
             clip_on=True,
         )
-    if not order:
-        ax.text(
-            0.5,
-            0.5,
-            empty_text,
-            transform=ax.transAxes,
-            ha="center",
-            va="center",
-            fontsize=11,
-            color="white",
-            bbox={"facecolor": "0.2", "alpha": 0.6, "pad": 4},
-        )
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -201,26 +226,10 @@ def prediction_figure(
             image = np.stack([image] * 3, axis=-1)
         panel_h = _panel_height(image, panel_width)
         bottom = top - TITLE_HEIGHT - panel_h
-        h, w = image.shape[:2]
-        n_gt = len(np.asarray(gt.get("labels", [])).reshape(-1))
-        scores = np.asarray(pred.get("scores", []), dtype=np.float64).reshape(-1)
-        keep_pred = scores >= score_threshold
-        # (N,) rank of each score, 0 = best; drop all but the best `max_shown` kept ones.
-        rank = np.empty(len(scores), dtype=np.int64)
-        rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
-        keep_pred &= rank < max_shown
-        titles = (
-            f"image {index + 1} ({w}x{h}): ground truth\n{n_gt} instance{'s' * (n_gt != 1)}",
-            f"prediction (score >= {score_threshold:g})\n"
-            f"{int(keep_pred.sum())} shown of {len(scores)} detection{'s' * (len(scores) != 1)}",
-        )
-        panels = (
-            (gt, np.ones(n_gt, dtype=bool), False, "no instances"),
-            (pred, keep_pred, True, f"no detection with score >= {score_threshold:g}"),
-        )
-        for column, ((instances, keep, show_scores, empty), title) in enumerate(
-            zip(panels, titles)
+        for column, panel in enumerate(
+            _row_panels(index, image, pred, gt, score_threshold, max_shown)
         ):
+            instances, keep, show_scores, empty, title = panel
             left = MARGIN + column * (panel_width + MARGIN)
             ax = fig.add_axes(
                 (left / width, bottom / height, panel_width / width, panel_h / height)
@@ -229,6 +238,39 @@ def prediction_figure(
             ax.set_title(title, fontsize=10, pad=4)
         top = bottom - MARGIN
     return _save(fig, Path(path))
+
+
+def _row_panels(
+    index: int,
+    image: np.ndarray,
+    pred: Mapping[str, Any],
+    gt: Mapping[str, Any],
+    score_threshold: float,
+    max_shown: int,
+) -> tuple[tuple[Any, np.ndarray, bool, str, str], ...]:
+    """A row's two panels: (instances, kept (N,) bool, show scores, text when empty, title)."""
+    h, w = image.shape[:2]
+    n_gt = len(np.asarray(gt.get("labels", [])).reshape(-1))
+    scores = np.asarray(pred.get("scores", []), dtype=np.float64).reshape(-1)
+    keep_pred = _best_kept(scores, score_threshold, max_shown)
+    titles = (
+        f"image {index + 1} ({w}x{h}): ground truth\n{n_gt} instance{'s' * (n_gt != 1)}",
+        f"prediction (score >= {score_threshold:g})\n"
+        f"{int(keep_pred.sum())} shown of {len(scores)} detection{'s' * (len(scores) != 1)}",
+    )
+    return (
+        (gt, np.ones(n_gt, dtype=bool), False, "no instances", titles[0]),
+        (pred, keep_pred, True, f"no detection with score >= {score_threshold:g}", titles[1]),
+    )
+
+
+def _best_kept(scores: np.ndarray, score_threshold: float, max_shown: int) -> np.ndarray:
+    """(N,) bool: the scores at or over the threshold, at most the best `max_shown` of them."""
+    keep = scores >= score_threshold
+    # (N,) rank of each score, 0 = best; drop all but the best `max_shown` kept ones.
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+    return keep & (rank < max_shown)
 
 
 def detection_figure(
@@ -309,38 +351,7 @@ def level_share_figure(
         return _save(fig, Path(path))
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, name in zip(axes, order):
-        matrix = np.asarray(shares[name], dtype=np.float64)
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"shares[{name!r}] must be (L, L), got {matrix.shape}")
-        levels = matrix.shape[0]
-        group = np.arange(levels)
-        bar_w = 0.8 / levels
-        for source in range(levels):
-            x = group - 0.4 + bar_w * (source + 0.5)
-            values = matrix[:, source]
-            bars = ax.bar(
-                x,
-                values,
-                bar_w * 0.92,
-                color=LEVEL_COLORS[source % len(LEVEL_COLORS)],
-                label=f"features from level {source + 1}",
-            )
-            labels = [
-                f"{100 * v:.0f}%" if matrix[i].sum() > 0 else "" for i, v in enumerate(values)
-            ]
-            ax.bar_label(bars, labels=labels, fontsize=8, padding=1.5)
-        for i in range(levels):
-            if matrix[i].sum() <= 0:
-                ax.text(i, 0.05, "no RoIs", ha="center", fontsize=9, color="0.4")
-        ax.set_xticks(group, [f"level {i + 1}" for i in group])
-        ax.set_xlabel("level FPN assigns the RoI to")
-        ax.set_ylim(0, 1.07)  # room for the label of a bar at 100%
-        ax.set_yticks(np.linspace(0.0, 1.0, 6))
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        ax.set_ylabel("share of pooled features")
-        ax.set_title(_head_title(name), fontsize=11)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
+        _level_share_bars(ax, name, np.asarray(shares[name], dtype=np.float64))
     # One legend for all heads, above the charts, where no bar can hide under it.
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(
@@ -354,6 +365,39 @@ def level_share_figure(
     )
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     return _save(fig, Path(path))
+
+
+def _level_share_bars(ax: Any, name: str, matrix: np.ndarray) -> None:
+    """One head's grouped bars: a group per assigned level, a bar per source level."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"shares[{name!r}] must be (L, L), got {matrix.shape}")
+    levels = matrix.shape[0]
+    group = np.arange(levels)
+    bar_w = 0.8 / levels
+    for source in range(levels):
+        x = group - 0.4 + bar_w * (source + 0.5)
+        values = matrix[:, source]
+        bars = ax.bar(
+            x,
+            values,
+            bar_w * 0.92,
+            color=LEVEL_COLORS[source % len(LEVEL_COLORS)],
+            label=f"features from level {source + 1}",
+        )
+        labels = [f"{100 * v:.0f}%" if matrix[i].sum() > 0 else "" for i, v in enumerate(values)]
+        ax.bar_label(bars, labels=labels, fontsize=8, padding=1.5)
+    for i in range(levels):
+        if matrix[i].sum() <= 0:
+            ax.text(i, 0.05, "no RoIs", ha="center", fontsize=9, color="0.4")
+    ax.set_xticks(group, [f"level {i + 1}" for i in group])
+    ax.set_xlabel("level FPN assigns the RoI to")
+    ax.set_ylim(0, 1.07)  # room for the label of a bar at 100%
+    ax.set_yticks(np.linspace(0.0, 1.0, 6))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_ylabel("share of pooled features")
+    ax.set_title(_head_title(name), fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
 
 
 def loss_curve_figure(

@@ -109,6 +109,31 @@ def _existing_run(client: MlflowClient, run_id: str) -> Any | None:
     return None if run.info.lifecycle_stage == "deleted" else run
 
 
+def _make_sqlite_folder(tracking_uri: str) -> None:
+    """Create a local SQLite store's folder (MLflow does not); other stores are left alone."""
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingUnavailableError(
+                f"MLflow tracking URI {tracking_uri!r} is unusable: cannot create {db.parent}: "
+                f"{err.strerror}"
+            ) from err
+
+
+def _resumed(client: Any, run_id: str, tags: Mapping[str, str]) -> bool:
+    """Set the run back to RUNNING with `tags`, if the store has it (not deleted)."""
+    run = _existing_run(client, run_id)
+    if run is None:
+        return False
+    if run.info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return True
+
+
 def start_or_resume_run(
     tracking_uri: str,
     experiment_name: str,
@@ -137,15 +162,7 @@ def start_or_resume_run(
     """
     from mlflow.exceptions import MlflowException
 
-    db = sqlite_path(tracking_uri)
-    if db is not None:
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise TrackingUnavailableError(
-                f"MLflow tracking URI {tracking_uri!r} is unusable: cannot create {db.parent}: "
-                f"{err.strerror}"
-            ) from err
+    _make_sqlite_folder(tracking_uri)
     _check_reachable(tracking_uri)
     str_tags = {
         mlflow_name(str(k)): clip(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()
@@ -153,12 +170,7 @@ def start_or_resume_run(
     try:
         client = mlflow_client(tracking_uri)
         if run_id:
-            run = _existing_run(client, run_id)
-            if run is not None:
-                if run.info.status != "RUNNING":
-                    client.update_run(run_id, status="RUNNING")
-                for key, value in str_tags.items():
-                    client.set_tag(run_id, key, value)
+            if _resumed(client, run_id, str_tags):
                 return run_id
             warnings.warn(
                 f"MLflow run {run_id} is not in {tracking_uri!r} (or was deleted); "

@@ -112,6 +112,29 @@ def dataset_inputs(job: JobConfig, plan: Plan) -> list[dict[str, Any]]:
     ]
 
 
+def _scaling_config(job: JobConfig) -> Any:
+    """Ray Train's workers for the job: a fixed count, or min..max when elastic."""
+    from ray.train import ScalingConfig
+
+    sc = job.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = 1
+    if sc.worker_resource:
+        resources[sc.worker_resource] = 1
+    # Elastic: Ray Train runs min..max workers as nodes come and go; the loop keeps the global
+    # batch by gradient accumulation (`elastic.micro_batches`).
+    workers = (
+        (sc.min_workers, sc.num_workers) if 0 < sc.min_workers < sc.num_workers else sc.num_workers
+    )
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=sc.use_gpu,
+        resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=sc.resize_interval_s,
+    )
+
+
 def build_trainer(
     job: JobConfig,
     plan: Plan,
@@ -130,7 +153,7 @@ def build_trainer(
         results: a `failures.result_box()` for a worker's setup error (`fit_run` reads it).
         callbacks: Ray Train callbacks (a Tune trial passes its report callback).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
@@ -142,17 +165,6 @@ def build_trainer(
         "train": build_train_dataset(job.data.train, aug, seed=job.seed, **decode),
         "eval": build_eval_dataset(job.data.val, **decode),
     }
-    sc = job.scaling
-    resources = {"CPU": sc.cpus_per_worker}
-    if sc.use_gpu:
-        resources["GPU"] = 1
-    if sc.worker_resource:
-        resources[sc.worker_resource] = 1
-    # Elastic: Ray Train runs min..max workers as nodes come and go; the loop keeps the global
-    # batch by gradient accumulation (`elastic.micro_batches`).
-    workers = (
-        (sc.min_workers, sc.num_workers) if 0 < sc.min_workers < sc.num_workers else sc.num_workers
-    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -165,12 +177,7 @@ def build_trainer(
             "run_id": run_id,
             "results": results,
         },
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker=resources,
-            elastic_resize_monitor_interval_s=sc.resize_interval_s,
-        ),
+        scaling_config=_scaling_config(job),
         run_config=RunConfig(
             name=job.name,
             storage_path=storage.absolute(job.checkpoint.storage_path),

@@ -242,6 +242,22 @@ def reuse_actors(scheduler: str) -> bool:
     return scheduler == "fifo"
 
 
+def _scheduler(p: Prepared) -> Any:
+    """ASHA over training steps (a rung at least every evaluation), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if p.sweep.scheduler != "asha":
+        return FIFOScheduler()
+    every = p.jobs[0].eval.every_steps
+    return ASHAScheduler(
+        time_attr="step",  # Tune's iteration count restarts when a trial is restored
+        max_t=p.max_steps,
+        grace_period=p.sweep.grace_period or every,
+        reduction_factor=p.sweep.reduction_factor,
+        stop_last_trials=False,  # a trial reaching max_steps logs its model and closes
+    )
+
+
 def build_tuner(
     p: Prepared,
     parent_run_id: str,
@@ -259,7 +275,6 @@ def build_tuner(
         autoscaler_max: what the cluster's autoscaler can add up to, for the trials' checks.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipeline.tune.callbacks import SweepTracker
     from pipeline.tune.trial import TRIAL_CPU, run_trial
@@ -280,17 +295,6 @@ def build_tuner(
         return tune.Tuner.restore(
             str(p.sweep_dir), trainable, resume_unfinished=True, resume_errored=False
         )
-    if p.sweep.scheduler == "asha":
-        every = p.jobs[0].eval.every_steps
-        scheduler: Any = ASHAScheduler(
-            time_attr="step",  # Tune's iteration count restarts when a trial is restored
-            max_t=p.max_steps,
-            grace_period=p.sweep.grace_period or every,
-            reduction_factor=p.sweep.reduction_factor,
-            stop_last_trials=False,  # a trial reaching max_steps logs its model and closes
-        )
-    else:
-        scheduler = FIFOScheduler()
     space = {"trial": tune.grid_search([t.name for t in p.trials])}
     return tune.Tuner(
         trainable,
@@ -298,7 +302,7 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             metric=p.sweep.metric,
             mode=p.sweep.mode,
-            scheduler=scheduler,
+            scheduler=_scheduler(p),
             num_samples=1,  # the trials are expanded up front (pipeline.tune.sweep)
             max_concurrent_trials=max_concurrent,
             reuse_actors=reuse_actors(p.sweep.scheduler),

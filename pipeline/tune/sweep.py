@@ -112,41 +112,12 @@ def load_sweep(name_or_path: str, name: str | None = None) -> Sweep:
     """
     path = find_sweep(name_or_path)
     where = repr(str(path))
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise _fail(where, f"not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise _fail(where, "expected a mapping at the top level")
-    unknown = sorted(set(data) - TOP_KEYS)
-    if unknown:
-        raise _fail(where, f"unknown key {unknown[0]!r} (keys: {', '.join(sorted(TOP_KEYS))})")
+    data = _read_mapping(path, where)
     sweep_name = name or str(data.get("name") or path.stem)
     if not _NAME.match(sweep_name):
         raise _fail(where, f"name {sweep_name!r}: letters, digits and _.+- only")
-    metric = data.get("metric", "segm_AP")
-    if metric not in METRICS:
-        raise _fail(where, f"metric {metric!r}: expected one of {list(METRICS)}")
-    mode = data.get("mode", "min" if metric == "train_loss" else "max")
-    if mode not in ("max", "min"):
-        raise _fail(where, f"mode {mode!r}: expected 'max' or 'min'")
-    scheduler = data.get("scheduler", "fifo")
-    if scheduler not in ("fifo", "asha"):
-        raise _fail(where, f"scheduler {scheduler!r}: expected 'fifo' or 'asha'")
-    asha = data.get("asha") or {}
-    if not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor"}:
-        raise _fail(where, "asha: expected {grace_period: steps, reduction_factor: n}")
-    ints = {
-        "concurrency": (data.get("concurrency", 0), 0),
-        "samples": (data.get("samples", 1), 1),
-        "seed": (data.get("seed", 0), 0),
-        "max_failures": (data.get("max_failures", 1), 0),
-        "asha.grace_period": (asha.get("grace_period", 0), 0),
-        "asha.reduction_factor": (asha.get("reduction_factor", 2), 2),
-    }
-    for key, (value, low) in ints.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _fail(where, f"{key} {value!r}: expected an integer >= {low}")
+    metric, mode, scheduler, asha = _objective(data, where)
+    ints = _integers(data, asha, where)
     common = _overrides(data.get("set") or {}, f"{where} set")
     variants = tuple(_variant(v, i, where) for i, v in enumerate(data.get("variants") or []))
     seen: set[str] = set()
@@ -166,16 +137,63 @@ def load_sweep(name_or_path: str, name: str | None = None) -> Sweep:
         metric=metric,
         mode=mode,
         scheduler=scheduler,
-        grace_period=ints["asha.grace_period"][0],
-        reduction_factor=ints["asha.reduction_factor"][0],
-        concurrency=ints["concurrency"][0],
-        samples=ints["samples"][0],
-        seed=ints["seed"][0],
-        max_failures=ints["max_failures"][0],
+        grace_period=ints["asha.grace_period"],
+        reduction_factor=ints["asha.reduction_factor"],
+        concurrency=ints["concurrency"],
+        samples=ints["samples"],
+        seed=ints["seed"],
+        max_failures=ints["max_failures"],
         set=common,
         variants=variants,
         search=search,
     )
+
+
+def _read_mapping(path: Path, where: str) -> dict[str, Any]:
+    """The file's top-level mapping, its keys checked against TOP_KEYS."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise _fail(where, f"not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise _fail(where, "expected a mapping at the top level")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise _fail(where, f"unknown key {unknown[0]!r} (keys: {', '.join(sorted(TOP_KEYS))})")
+    return data
+
+
+def _objective(data: dict[str, Any], where: str) -> tuple[str, str, str, dict[str, Any]]:
+    """(metric, mode, scheduler, asha settings), each checked; mode defaults by the metric."""
+    metric = data.get("metric", "segm_AP")
+    if metric not in METRICS:
+        raise _fail(where, f"metric {metric!r}: expected one of {list(METRICS)}")
+    mode = data.get("mode", "min" if metric == "train_loss" else "max")
+    if mode not in ("max", "min"):
+        raise _fail(where, f"mode {mode!r}: expected 'max' or 'min'")
+    scheduler = data.get("scheduler", "fifo")
+    if scheduler not in ("fifo", "asha"):
+        raise _fail(where, f"scheduler {scheduler!r}: expected 'fifo' or 'asha'")
+    asha = data.get("asha") or {}
+    if not isinstance(asha, dict) or set(asha) - {"grace_period", "reduction_factor"}:
+        raise _fail(where, "asha: expected {grace_period: steps, reduction_factor: n}")
+    return metric, mode, scheduler, asha
+
+
+def _integers(data: dict[str, Any], asha: dict[str, Any], where: str) -> dict[str, int]:
+    """The sweep's integer settings under their keys, defaults filled, each >= its lowest."""
+    ints = {
+        "concurrency": (data.get("concurrency", 0), 0),
+        "samples": (data.get("samples", 1), 1),
+        "seed": (data.get("seed", 0), 0),
+        "max_failures": (data.get("max_failures", 1), 0),
+        "asha.grace_period": (asha.get("grace_period", 0), 0),
+        "asha.reduction_factor": (asha.get("reduction_factor", 2), 2),
+    }
+    for key, (value, low) in ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _fail(where, f"{key} {value!r}: expected an integer >= {low}")
+    return {key: value for key, (value, _) in ints.items()}
 
 
 def _overrides(value: Any, where: str) -> dict[str, Any]:
