@@ -123,6 +123,7 @@ class JobConfig:
 
     def augment(self) -> AugmentConfig:
         """The Ray Data reader's augmentation settings."""
+        # deferred: `panet --help` imports this module (the storage and augment modules load pyarrow, PIL)
         from pipeline.data.augment import AugmentConfig
 
         d = self.data

@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_job_config, parse_set
+from pipeline.data.convert_coco import convert_coco
 from pipeline.data.manifest import load_manifest
+from pipeline.data.synth import write_synthetic
+from pipeline.train.cli import print_summary
+from pipeline.train.driver import run_training
+from pipeline.train.resume import with_free_name
 
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_synth.yaml"
 TRAIN_IMAGES, VAL_IMAGES = 600, 80
@@ -23,9 +28,6 @@ TRAIN_SEED, VAL_SEED = 0, 1
 
 def ensure_shards(raw: Path, shards: Path, split: str, images: int, seed: int) -> Path:
     """Synthesize a COCO-layout split and convert it, unless a complete shard dir exists."""
-    from pipeline.data.convert_coco import convert_coco
-    from pipeline.data.synth import write_synthetic
-
     out = shards / split
     try:
         manifest = load_manifest(out)
@@ -59,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2
     if args.new_name:
-        from pipeline.train.resume import with_free_name
-
         renamed = with_free_name(job)
         if renamed.name != job.name:
             print(f"[demo] training a new job: {renamed.name!r}")
@@ -68,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(job.data.train).resolve().parents[1]  # demo/shards/train -> demo/
     ensure_shards(root / "raw", root / "shards", "train", TRAIN_IMAGES, TRAIN_SEED)
     ensure_shards(root / "raw", root / "shards", "val", VAL_IMAGES, VAL_SEED)
-
-    from pipeline.train.cli import print_summary
-    from pipeline.train.driver import run_training
 
     try:
         result = run_training(job, allow_changes=args.resume)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -46,8 +47,6 @@ def result_box() -> Any:
 
     It takes no CPU, so it never waits for the slots the workers hold.
     """
-    import ray
-
     return ray.remote(num_cpus=0)(ResultBox).remote()
 
 
@@ -57,8 +56,6 @@ def take_answer(box: Any) -> dict[str, Any]:
     Raises:
         ValueError: with the message of a worker's setup error, if one was put.
     """
-    import ray
-
     answer: dict[str, Any] = ray.get(box.get.remote())
     ray.kill(box)
     if "error" in answer:
@@ -89,7 +86,5 @@ def setup_or_none(fn: Callable[[], T], box: Any, device: torch.device) -> T | No
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if error is not None:
-        import ray
-
         ray.get(box.put.remote("error", str(error)))
     return None if flag.item() > 0 else result

@@ -12,9 +12,12 @@ in `pipeline.ray_session`).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
+
+from ray.util.annotations import RayDeprecationWarning
 
 # (logger name, message prefix) of expected records dropped in the driver.
 DRIVER_RECORDS = (
@@ -60,15 +63,12 @@ def quiet_driver() -> None:
     MLflow's own links (`SUPPRESS_MLFLOW_LINKS`)."""
     _drop(DRIVER_RECORDS)
     os.environ.setdefault(SUPPRESS_MLFLOW_LINKS, "true")
-    from ray.util.annotations import RayDeprecationWarning
 
     warnings.filterwarnings("ignore", message=RAY_DEPRECATION, category=RayDeprecationWarning)
 
 
 def quiet_worker() -> None:
     """Ray's `worker_process_setup_hook` of train and eval workers (see `worker_env`)."""
-    import importlib.util
-
     _drop(WORKER_RECORDS)
     spec = importlib.util.find_spec(TRAIN_REPORT_LOGGER_MODULE)
     if spec is not None and spec.origin:

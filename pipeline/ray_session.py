@@ -22,6 +22,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import ray
+import yaml
+from ray._private import state as ray_state
+from ray.dashboard.utils import get_address_for_submission_client
+
 from pipeline.quiet import quiet_driver
 
 # Worker processes the raylet keeps before it kills idle ones (Ray's default: the CPU count).
@@ -57,8 +62,6 @@ def connect(
             `RAY_API_SERVER_ADDRESS`, which fails where several run). A local instance then
             starts with its dashboard on a free port.
     """
-    import ray
-
     quiet_driver()
     keep_working_directory()
     if ray.is_initialized():
@@ -67,8 +70,6 @@ def connect(
     if not address:
         start_local(local_cpus(num_cpus, min_cpus), state_api=state_api)
     elif state_api:
-        from ray.dashboard.utils import get_address_for_submission_client
-
         url = get_address_for_submission_client(address)
         os.environ[API_SERVER_ENV] = url
         ray.init(address=address, runtime_env={"env_vars": {API_SERVER_ENV: url}})
@@ -92,8 +93,6 @@ def start_local(num_cpus: int, *, state_api: bool = False) -> str:
     Returns:
         The dashboard's URL with `state_api`, else "".
     """
-    import ray
-
     local_ray_env(num_cpus)
     if not state_api:
         ray.init(num_cpus=num_cpus)
@@ -184,8 +183,6 @@ def autoscaler_max_resources() -> dict[str, float]:
     account and converted by Ray's own KubeRay autoscaler code. Elsewhere (a worker node) only
     Ray's record answers: a Tune trial gets its driver's answer (`preflight_resources`).
     """
-    from ray._private import state as ray_state
-
     try:
         found = ray_state.state.get_max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - no autoscaler state: treat as fixed
@@ -198,14 +195,13 @@ def autoscaler_max_resources() -> dict[str, float]:
 
 def head_autoscaling_config() -> dict[str, Any] | None:
     """The autoscaling config of the cluster launcher or KubeRay head this process runs on."""
-    import yaml
-
     path = Path(LAUNCHER_CONFIG).expanduser()
     if path.is_file():
         return yaml.safe_load(path.read_text())
     name, namespace = os.environ.get("RAY_CLUSTER_NAME"), os.environ.get("RAY_CLUSTER_NAMESPACE")
     if not (name and namespace and os.environ.get("KUBERNETES_SERVICE_HOST")):
         return None
+    # deferred: Ray's private KubeRay modules, only on a KubeRay head; may move between Ray versions
     from ray.autoscaler._private.kuberay.autoscaling_config import (
         _derive_autoscaling_config_from_ray_cr,
     )

@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 
+from panet_model import PANetConfig
+from panet_model.config import flatten
+from pipeline.storage import StoragePath, as_path
+
 STATE_FILE = "state.pt"
 
 
@@ -34,8 +38,6 @@ def load_state(path: str | Path | Any, mmap: bool = False) -> dict[str, Any]:
     Raises:
         FileNotFoundError / ValueError: naming the path.
     """
-    from pipeline.storage import StoragePath, as_path
-
     p = as_path(path)  # a local Path, or a StoragePath for s3:// / gs:// checkpoints
     if p.is_dir():
         p = p / STATE_FILE
@@ -62,9 +64,6 @@ def model_config(state: dict[str, Any], overrides: dict[str, Any] | None = None)
     Raises:
         ValueError: naming an override that is not a `model.*` key or has a bad value.
     """
-    from panet_model import PANetConfig
-    from panet_model.config import flatten
-
     plain = dict(state["config"]["model"])
     preset = plain.pop("preset", "tiny")
     updates = {}

@@ -11,6 +11,7 @@ node cannot see fails before any worker starts, not at the first checkpoint.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import tempfile
 import uuid
@@ -18,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 PROBE_PREFIX = ".panet-probe-"  # "."-files are skipped by pyarrow's and Ray Data's discovery
 
@@ -55,8 +58,6 @@ def parent(location: str | Path) -> str:
 
 def filesystem(location: str | Path) -> tuple[Any, str]:
     """(pyarrow FileSystem, path inside it) of a location."""
-    import pyarrow.fs as pafs
-
     if is_uri(location):
         return pafs.FileSystem.from_uri(str(location))
     return pafs.LocalFileSystem(), absolute(str(location))
@@ -68,21 +69,15 @@ def _type(location: str | Path) -> Any:
 
 
 def exists(location: str | Path) -> bool:
-    import pyarrow.fs as pafs
-
     return _type(location) != pafs.FileType.NotFound
 
 
 def is_file(location: str | Path) -> bool:
-    import pyarrow.fs as pafs
-
     return _type(location) == pafs.FileType.File
 
 
 def is_dir(location: str | Path) -> bool:
     """A directory (on object storage: a prefix holding at least one object)."""
-    import pyarrow.fs as pafs
-
     return _type(location) == pafs.FileType.Directory
 
 
@@ -131,8 +126,6 @@ def makedirs(location: str | Path) -> None:
 
 def list_names(location: str | Path) -> list[str]:
     """Sorted names of the entries directly under a directory ([] if it does not exist)."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(info.base_name for info in infos)
@@ -140,8 +133,6 @@ def list_names(location: str | Path) -> list[str]:
 
 def delete(location: str | Path) -> None:
     """Remove a file, or a directory with everything under it; missing is fine."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.Directory:
@@ -152,16 +143,12 @@ def delete(location: str | Path) -> None:
 
 def upload_dir(local_dir: str | Path, destination: str) -> None:
     """Copy a local directory's files (recursively) to `destination`."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(destination)
     pafs.copy_files(str(Path(local_dir).resolve()), path, destination_filesystem=fs)
 
 
 def download_dir(location: str, local_dir: str | Path) -> Path:
     """Copy a directory's files (recursively) into `local_dir`; returns `local_dir`."""
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(location)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(Path(local_dir).resolve()), source_filesystem=fs)
@@ -214,6 +201,7 @@ def check_on_every_node(
     Raises:
         ValueError: naming the config key, the location and the node that cannot see it.
     """
+    # deferred: the data tools (convert, inspect, manifest) use this module without Ray
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -336,8 +324,6 @@ class StoragePath:
 
     def glob(self, pattern: str) -> Iterator[StoragePath]:
         """Entries matching a relative pattern of `*`/`?` components, e.g. `step-*/state.pt`."""
-        import fnmatch
-
         found = [self]
         for part in pattern.split("/"):
             found = [c for p in found for c in p.iterdir() if fnmatch.fnmatchcase(c.name, part)]

@@ -25,6 +25,7 @@ def _user_errors(command: str) -> Callable[[Callable[[argparse.Namespace], int]]
     def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         @functools.wraps(fn)
         def run(args: argparse.Namespace) -> int:
+            # deferred: `panet --help` imports this module; each command loads pyarrow, PIL, Ray as it needs
             from pipeline.data.manifest import DataError
 
             try:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline.args import DefaultsFormatter, positive_int
+from pipeline.config import parse_set
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.config import parse_set
+    # deferred: `panet --help` imports this module; the eval job loads Ray, torch and pycocotools
     from pipeline.evaluate import job
     from pipeline.evaluate.scoring import format_metrics
 

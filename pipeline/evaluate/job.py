@@ -17,10 +17,22 @@ import os
 import tempfile
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from panet_model import build_panet
 from pipeline import ray_session, storage
 from pipeline.config import decode_options
+from pipeline.data.batches import iter_eval_batches
 from pipeline.data.manifest import load_manifest
-from pipeline.failures import result_box, take_answer
+from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, inverse_label_map
+from pipeline.evaluate.distributed import evaluate
+from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics
+from pipeline.failures import result_box, setup_or_none, take_answer
+from pipeline.quiet import quiet_worker
 from pipeline.state_file import STATE_FILE, load_state, model_config
 
 
@@ -85,8 +97,6 @@ def run_eval_job(
         ValueError / FileNotFoundError: a bad checkpoint, data or override (before Ray starts),
             too few GPUs, or a worker's setup error.
     """
-    import ray
-
     checkpoint, data = storage.absolute(checkpoint), storage.absolute(data)
     state, manifest = _check_inputs(checkpoint, data, model_overrides)
     ray_session.connect(min_cpus=num_workers + 2)  # CPUs for the decode tasks beside the workers
@@ -96,7 +106,6 @@ def run_eval_job(
             raise ValueError(
                 f"--gpu: {num_workers} workers need one GPU each, but the cluster has {gpus:g}"
             )
-    from pipeline.data.reader import inverse_label_map
 
     results = result_box()
     worker_config = {
@@ -140,11 +149,6 @@ def _trainer(
     trained_config: dict[str, Any],
 ) -> Any:
     """The `TorchTrainer` of `eval_worker`s over the eval dataset, decoded as in training."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.data.reader import ReaderDataConfig, build_eval_dataset
-
     return TorchTrainer(
         eval_worker,
         train_loop_config=worker_config,
@@ -163,17 +167,6 @@ def _trainer(
 
 def eval_worker(config: dict[str, Any]) -> None:
     """`panet eval` on every worker: load the checkpoint, evaluate, hand the metrics back."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    from panet_model import build_panet
-    from pipeline.data.batches import iter_eval_batches
-    from pipeline.evaluate.distributed import evaluate
-    from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics
-    from pipeline.failures import setup_or_none
-    from pipeline.quiet import quiet_worker
-
     quiet_worker()
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()

@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+from ray.data import ActorPoolStrategy
 
 from pipeline import ray_session
 from pipeline.data.manifest import load_manifest, shard_paths
+from pipeline.predict.images import Item
+from pipeline.predict.predictor import load_predictor
 from pipeline.predict.results import PREDICTION_SCHEMA, ResultWriter, predict_item
 
 ITEM_SCHEMA = pa.schema(
@@ -37,10 +45,6 @@ class PredictActor:
     def __init__(
         self, source: str, options: dict[str, Any], threads: int, pictures: str = ""
     ) -> None:
-        import torch
-
-        from pipeline.predict.predictor import load_predictor
-
         torch.set_num_threads(max(1, threads))
         self.predictor = load_predictor(source, **options)
         self.pictures = Path(pictures) if pictures else None
@@ -48,8 +52,6 @@ class PredictActor:
             self.pictures.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.predict.images import Item
-
         rows = [
             predict_item(
                 self.predictor,
@@ -68,8 +70,6 @@ def build_dataset(files: list[str], shards: list[str], batch_size: int) -> Any:
     (streaming, no shuffle) so every replica gets work and results reach the writer as they
     come, not all at the end.
     """
-    import ray.data
-
     parts = []
     last_id = 0
     for shard_dir in shards:
@@ -102,9 +102,6 @@ def _with_path(batch: pa.Table) -> pa.Table:
 
 
 def _max_ids(paths: list[str]) -> list[int]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     ids = [pc.max(pq.read_table(p, columns=["image_id"])["image_id"]).as_py() for p in paths]
     return [int(i) for i in ids if i is not None]
 
@@ -184,8 +181,6 @@ def _connect(replicas: int, cpus_per_replica: float, gpus: float) -> None:
     # A logical CPU beyond the replicas' for the read tasks that feed them.
     ray_session.connect(min_cpus=replicas * cpus_per_replica + 1)
     if gpus:
-        import ray
-
         check_replica_gpus(
             replicas, gpus, ray.cluster_resources(), ray_session.autoscaler_max_resources()
         )
@@ -226,8 +221,6 @@ def predict_with_ray(
     Returns:
         The `ResultWriter.close` summary plus "replicas".
     """
-    from ray.data import ActorPoolStrategy
-
     device, gpus = replica_device(options.get("device", "auto"), gpus_per_replica)
     options = {**options, "device": device}
     _connect(replicas, cpus_per_replica, gpus)

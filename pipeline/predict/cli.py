@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import tracking
+from pipeline.config import parse_set
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -84,7 +87,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything that can be checked before loading a model or starting Ray, then run."""
-    from pipeline.config import parse_set
+    # deferred: `panet --help` imports this module; prediction loads torch, Ray, pyarrow, PIL
     from pipeline.predict.images import collect_inputs
     from pipeline.predict.predictor import is_mlflow_model, load_predictor
 
@@ -137,7 +140,6 @@ def _register(args: argparse.Namespace) -> None:
 
     if not args.model.startswith(("models:/", "runs:/")):
         raise ValueError("--register needs an MLflow --model URI (models:/... or runs:/...)")
-    from pipeline import tracking
 
     uri = tracking_uri_for(args.model, args.tracking_uri)
     version = tracking.register_model(uri, args.model, args.register)

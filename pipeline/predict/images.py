@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.data.manifest import load_manifest, shard_paths
@@ -86,8 +87,6 @@ def iter_items(files: Sequence[str], shards: Sequence[str]) -> Iterator[Item]:
 
     Files get ids after the largest shard record id, so the ids never collide.
     """
-    import pyarrow.parquet as pq
-
     last_id = 0
     for shard_dir in shards:
         for path in shard_paths(load_manifest(shard_dir), shard_dir):

@@ -13,9 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow.pytorch
 import numpy as np
 import torch
+from mlflow.models import Model
 from torch import nn
+
+from panet_model import build_panet
+from pipeline import tracking
+from pipeline.evaluate.scoring import predictions_to_coco
+from pipeline.state_file import load_state
+from pipeline.state_file import model_config as checkpoint_config
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 
@@ -92,8 +100,6 @@ class Predictor:
 
     def coco_results(self, detections: Detections, image_id: int) -> list[dict[str, Any]]:
         """COCO result dicts (dataset category ids, compressed RLE masks) of one image."""
-        from pipeline.evaluate.scoring import predictions_to_coco
-
         output = {
             "boxes": torch.from_numpy(detections.boxes),
             "scores": torch.from_numpy(detections.scores),
@@ -170,7 +176,6 @@ def load_predictor(
     else:
         state, model_config, categories = _from_checkpoint(source)
     cfg = _config(model_config, overrides or {}, max_detections)
-    from panet_model import build_panet
 
     model = build_panet(cfg, num_classes=len(categories) + 1)
     try:
@@ -181,8 +186,6 @@ def load_predictor(
 
 
 def _config(model_config: dict[str, Any], overrides: dict[str, Any], max_detections: int) -> Any:
-    from pipeline.state_file import model_config as checkpoint_config
-
     cfg = checkpoint_config({"config": {"model": model_config}}, overrides)
     if max_detections > cfg.roi.detections_per_img:
         cfg = cfg.override({"roi.detections_per_img": max_detections})
@@ -190,8 +193,6 @@ def _config(model_config: dict[str, Any], overrides: dict[str, Any], max_detecti
 
 
 def _from_checkpoint(source: str) -> tuple[dict, dict[str, Any], dict[int, str]]:
-    from pipeline.state_file import load_state
-
     state = load_state(source)
     if "config" not in state or "categories" not in state:
         raise ValueError(f"checkpoint {source!r} lacks its config or categories")
@@ -202,17 +203,12 @@ def _from_checkpoint(source: str) -> tuple[dict, dict[str, Any], dict[int, str]]
 def _from_mlflow(
     source: str, tracking_uri: str | None
 ) -> tuple[dict, dict[str, Any], dict[int, str]]:
-    from pipeline import tracking
-
     uri = tracking_uri_for(source, tracking_uri)
     try:
         if source.startswith(MLFLOW_SCHEMES):
             metadata = tracking.model_metadata(uri, source)
             logged = tracking.load_model(uri, source)
         else:  # a local model directory: no store involved
-            import mlflow.pytorch
-            from mlflow.models import Model
-
             metadata = Model.load(source).metadata or {}
             logged = mlflow.pytorch.load_model(source, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - MLflow raises many types; re-raised with the URI

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.predict.images import ImageError, Item, decode, read_bytes
 from pipeline.predict.predictor import Predictor
+from pipeline.tracking.pictures import detection_figure
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -87,8 +89,6 @@ def predict_item(predictor: Predictor, item: Item, pictures: Path | None = None)
         rles=[r["segmentation"]["counts"] for r in results],
     )
     if pictures is not None:
-        from pipeline.tracking.pictures import detection_figure
-
         drawn = {
             "boxes": detections.boxes,
             "labels": detections.category_ids,
@@ -152,8 +152,6 @@ class ResultWriter:
         self._first: tuple[float, int] | None = None  # (time, images) of the first rows
         self._writer: Any = None
         if parquet:
-            import pyarrow.parquet as pq
-
             (self.out / "predictions").mkdir(exist_ok=True)
             self._writer = pq.ParquetWriter(
                 self.out / "predictions" / "part-0.parquet", PREDICTION_SCHEMA

@@ -16,7 +16,9 @@ from typing import NamedTuple
 
 import yaml
 
+from panet_model.config import flatten
 from pipeline.args import AddParser, command_parser
+from pipeline.config import load_job_config, parse_set, resolve_config
 from pipeline.data.cli import add_parser as add_data_parser
 from pipeline.evaluate.cli import add_parser as add_eval_parser
 from pipeline.predict.cli import add_parser as add_predict_parser
@@ -24,6 +26,8 @@ from pipeline.submit import SubmitError
 from pipeline.submit.runtime_env import STAGED_DIR, working_dir
 from pipeline.train.cli import add_parser as add_train_parser
 from pipeline.tune.cli import add_parser as add_tune_parser
+from pipeline.tune.cli import base_config, load
+from pipeline.tune.sweep import describe
 
 
 class Command(NamedTuple):
@@ -86,8 +90,6 @@ def check_job(args: argparse.Namespace) -> CheckedJob:
 
 def _config_args(args: argparse.Namespace, wd: Path, staged: dict[str, Path]) -> list[str]:
     """--config and --set for the entrypoint; a config outside the working dir is staged."""
-    from pipeline.config import resolve_config
-
     out = []
     if args.config:
         try:
@@ -111,9 +113,6 @@ def _config_args(args: argparse.Namespace, wd: Path, staged: dict[str, Path]) ->
 def _check_tune(parsed: argparse.Namespace) -> str:
     """The sweep expanded as `panet tune --dry-run` would, and its base config checked for a
     cluster (unless the job is a dry run)."""
-    from pipeline.tune.cli import base_config, load
-    from pipeline.tune.sweep import describe
-
     prepared = load(parsed)
     print(
         f"[submit] the sweep:\n{describe(prepared.sweep, prepared.trials, prepared.base)}",
@@ -131,9 +130,6 @@ def _check_cluster_config(config: Path | None, sets: list[str]) -> None:
     Raises:
         ValueError: listing each such key.
     """
-    from panet_model.config import flatten
-    from pipeline.config import parse_set
-
     raw = flatten(yaml.safe_load(config.read_text()) or {}) if config else {}
     raw.update(parse_set(sets))
     problems = []
@@ -166,14 +162,13 @@ def _local_store(uri: str) -> bool:
 
 
 def _check_train(args: argparse.Namespace, parsed: argparse.Namespace) -> str:
-    from pipeline.config import load_job_config, parse_set, resolve_config
-
     config = resolve_config(args.config) if args.config else None
     # parsed.set: submit's --set and any after `--`, in the order the job applies them.
     job = load_job_config(config, parse_set(parsed.set))
     if not parsed.dry_run:  # a dry run on the cluster writes nothing
         _check_cluster_config(config, parsed.set)
     if not args.no_data_check:
+        # deferred: `panet --help` imports this module; preflight loads Ray, torch
         from pipeline.train.preflight import preflight
 
         try:

@@ -40,6 +40,7 @@ def resolve_address(address: str | None) -> str:
 
 def connect(address: str) -> Any:
     """A `JobSubmissionClient`; Ray adds the token header when RAY_AUTH_MODE=token."""
+    # deferred: `panet --help` imports this module (via `panet submit`); Ray only to submit
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -12,8 +12,11 @@ import contextlib
 import re
 import shutil
 from collections.abc import Iterator
+from importlib.metadata import requires
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pipeline.submit import SubmitError
 
@@ -34,12 +37,8 @@ def pinned_requirements(root: Path = PROJECT_ROOT) -> list[str]:
         pip requirement strings, e.g. `["torch==2.14.1", ..., "pyyaml>=6"]`.
     """
     try:
-        import tomllib
-
         deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
     except ImportError:  # Python 3.10: the installed package's own metadata
-        from importlib.metadata import requires
-
         deps = [r for r in requires("panet-on-ray") or [] if "extra ==" not in r]
     pins: dict[str, str] = {}
     for line in (root / "constraints.txt").read_text().splitlines():

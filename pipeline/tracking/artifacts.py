@@ -106,6 +106,7 @@ def log_image(
         if isinstance(image, (str, Path)):
             shutil.copyfile(image, local)
         else:
+            # deferred: `panet --help` imports this module (via submit); PIL, numpy only to log an image
             import numpy as np
             from PIL import Image
 

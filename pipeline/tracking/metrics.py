@@ -56,6 +56,7 @@ def log_params(tracking_uri: str, run_id: str, flat_params: Mapping[str, Any]) -
     Returns:
         {key: new value} of the params whose logged value differs.
     """
+    # deferred: `panet --help` imports this module (via submit); mlflow only when logging
     from mlflow.entities import Param, RunTag
 
     client = mlflow_client(tracking_uri)

@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking.store import mlflow_client, retry
@@ -28,6 +29,7 @@ def _global_tracking_uri(tracking_uri: str) -> Iterator[None]:
     `mlflow.set_tracking_uri(None)` would also delete the MLFLOW_TRACKING_URI environment
     variable, so the previous module globals and environment are saved and put back exactly.
     """
+    # deferred: `panet --help` imports this module (via submit); mlflow, torch only when used
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -60,7 +62,6 @@ def model_pip_requirements() -> list[str]:
     Passing them explicitly skips MLflow's requirement inference, which loads the model in a
     subprocess to see what it imports (slow for a big model) and may consult PyPI.
     """
-    from importlib import metadata
 
     import mlflow.pytorch
 

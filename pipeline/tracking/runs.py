@@ -73,6 +73,7 @@ def _check_reachable(tracking_uri: str, timeout: float = 5.0, attempts: int = 3)
 
 
 def _get_or_create_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    # deferred: `panet --help` imports this module (via submit); mlflow only when used
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)

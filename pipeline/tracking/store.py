@@ -96,6 +96,7 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 
 def mlflow_client(tracking_uri: str) -> MlflowClient:
     """An MLflow client bound to `tracking_uri` for runs and the model registry alike."""
+    # deferred: `panet --help` imports this module (via submit); mlflow only when used
     from mlflow import MlflowClient
 
     # Passing registry_uri too keeps model registration on the same store as the runs, whatever

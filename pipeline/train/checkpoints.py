@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from panet_model.config import flatten
 from pipeline.state_file import STATE_FILE, load_state
+from pipeline.storage import as_path
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,8 +61,6 @@ def restore_training_state(
 
 def latest_state_file(run_dir: Any) -> Any:
     """The newest `step-*/state.pt` of a job directory (local or a URI), or None."""
-    from pipeline.storage import as_path
-
     files = sorted(as_path(run_dir).glob(f"step-*/{STATE_FILE}"))
     return files[-1] if files else None
 
@@ -72,8 +72,6 @@ def check_resumable(path: Path, model: nn.Module, model_config: dict[str, Any]) 
     version, another width) the checkpoint's tensors would not fit. Raises ValueError naming
     the job directory, the first differing tensor and the config keys that changed.
     """
-    from panet_model.config import flatten
-
     state = load_state(path, mmap=True)
     saved, own = state.get("model", {}), model.state_dict()
     differs = sorted(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline import tracking
 from pipeline.args import DefaultsFormatter
+from pipeline.config import load_job_config, parse_set
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,8 +57,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_job_config, parse_set
-
     try:
         sets = parse_set(args.set)
         if args.skip_resource_check:
@@ -68,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         job = load_job_config(args.config, sets)
         if args.new_name:
+            # deferred: `panet --help` imports this module; training loads Ray, torch, mlflow
             from pipeline.train.resume import with_free_name
 
             renamed = with_free_name(job)
@@ -96,7 +97,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def print_summary(result: dict) -> None:
-    from pipeline import tracking
     from pipeline.evaluate.scoring import format_metrics
 
     print("\nCOCO metrics of the last evaluation:")

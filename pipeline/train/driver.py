@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline import ray_session, storage
+import mlflow
+import ray
+import torch
+import torchvision
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import ray_session, storage, tracking
 from pipeline.config import JobConfig, decode_options
+from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
 from pipeline.failures import result_box, take_answer
+from pipeline.train.checkpoints import latest_state_file
+from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.preflight import Plan, check_cluster_storage, check_resources, preflight
 from pipeline.train.resume import describe, write_job_record
 
@@ -22,11 +33,6 @@ RUN_RECORD = "mlflow_run.json"  # in the job directory: the job's MLflow run id 
 
 
 def versions() -> dict[str, str]:
-    import mlflow
-    import ray
-    import torch
-    import torchvision
-
     return {
         "version.torch": torch.__version__,
         "version.torchvision": torchvision.__version__,
@@ -58,8 +64,6 @@ def open_run(
     Returns:
         (tracking_uri, run_id)
     """
-    from pipeline import tracking
-
     job.run_dir.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(job.run_dir, job.tracking.uri or None)
     commit = tracking.git_commit()
@@ -114,8 +118,6 @@ def dataset_inputs(job: JobConfig, plan: Plan) -> list[dict[str, Any]]:
 
 def _scaling_config(job: JobConfig) -> Any:
     """Ray Train's workers for the job: a fixed count, or min..max when elastic."""
-    from ray.train import ScalingConfig
-
     sc = job.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -153,12 +155,6 @@ def build_trainer(
         results: a `failures.result_box()` for a worker's setup error (`fit_run` reads it).
         callbacks: Ray Train callbacks (a Tune trial passes its report callback).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
-    from pipeline.train.loop import train_loop_per_worker
-
     aug = job.augment()
     decode = decode_options(job.to_dict())
     datasets = {
@@ -208,8 +204,6 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
         {"metrics": the 12 COCO metrics of the last evaluation, "tracking_uri", "run_id",
         "checkpoint": path of the latest checkpoint}.
     """
-    import ray
-
     plan = preflight(job, allow_changes=allow_changes)
     if plan.changes:
         print(
@@ -263,8 +257,6 @@ def fit_run(trainer: Any, tracking_uri: str, run_id: str, results: Any) -> Any:
     Raises:
         ValueError: a worker's setup error (a missing weights file, ...), raised once, not retried.
     """
-    from pipeline import tracking
-
     try:
         result = trainer.fit()
         take_answer(results)
@@ -296,9 +288,6 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
     (`metrics.json` beside `state.pt`) and its MLflow run (`mlflow_run.json`) are the answer.
     None when the job is new, unfinished, or now logs to another tracking URI.
     """
-    from pipeline import tracking
-    from pipeline.train.checkpoints import latest_state_file
-
     path = latest_state_file(job.run_dir)
     if path is None:
         return None
@@ -326,7 +315,5 @@ def finished_result(job: JobConfig) -> dict[str, Any] | None:
 
 
 def _interrupted() -> bool:
-    import sys
-
     exc = sys.exc_info()[1]
     return isinstance(exc, KeyboardInterrupt)

@@ -23,8 +23,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import ray
 import torch.distributed as dist
 
+from pipeline import tracking
 from pipeline.config import JobConfig
 
 T = TypeVar("T")
@@ -86,10 +88,6 @@ def record_world(
         step: the step training starts from.
         previous_size: the world size the checkpoint was written with (0: a fresh start).
     """
-    import ray
-
-    from pipeline import tracking
-
     node = ray.get_runtime_context().get_node_id()
     size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     nodes: list[Any] = [node]

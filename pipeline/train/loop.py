@@ -6,7 +6,9 @@ SyncBN, the NaN vote, the eval gather, `ray.train.report`) the same number of ti
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import json
 import tempfile
 import time
@@ -34,6 +36,7 @@ from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics, format_me
 from pipeline.failures import setup_or_none
 from pipeline.quiet import quiet_worker
 from pipeline.state_file import load_state, save_state
+from pipeline.tracking.samples import log_prediction_pictures
 from pipeline.train.checkpoints import restore_training_state, rng_state
 from pipeline.train.elastic import group_steps, micro_batches, record_world
 from pipeline.train.progress import Progress
@@ -81,8 +84,6 @@ class LoopState:
 
 def log_pictures(model: nn.Module, setup: WorkerSetup, step: int, device: torch.device) -> None:
     """Rank 0: predictions beside ground truth, and paper Figure 3 when AFP fuses with max."""
-    from pipeline.tracking.samples import log_prediction_pictures
-
     try:
         log_prediction_pictures(
             model,
@@ -385,9 +386,6 @@ def release_host_memory() -> None:
     arena; glibc keeps the freed pages, and without a trim a worker's resident memory rises at
     every evaluation (benchmarks/memory.py). A no-op where libc has no `malloc_trim`.
     """
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         libc = ctypes.CDLL("libc.so.6")

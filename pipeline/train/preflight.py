@@ -16,9 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import ray_session, storage
+import ray
+import torch
+
+from panet_model import build_panet
+from panet_model.weights import resolve_local
+from pipeline import ray_session, storage, tracking
 from pipeline.config import JobConfig
 from pipeline.data.manifest import load_manifest
+from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
+from pipeline.train.checkpoints import check_resumable, latest_state_file
 from pipeline.train.resume import check_job_change
 
 
@@ -53,9 +60,6 @@ def preflight(
         autoscaler_max: inside Ray, what the cluster's autoscaler can add up to, as the
             caller's driver found it (`preflight_resources`); None: asked here.
     """
-    from pipeline import tracking
-    from pipeline.data.reader import inverse_label_map, num_rows, steps_per_epoch
-
     for key, path in (("data.train", job.data.train), ("data.val", job.data.val)):
         if not storage.exists(path):
             raise ValueError(f"config key {key!r}: shard directory {path!r} does not exist")
@@ -95,8 +99,6 @@ def preflight(
 
 def check_weights(job: JobConfig, num_classes: int) -> None:
     """The configured weights files exist and fit the model (a worker would fail on each retry)."""
-    from panet_model.weights import resolve_local
-
     keys = (
         ("model.backbone.weights", job.model.backbone.weights),
         ("model.weights", job.model.weights),
@@ -108,8 +110,6 @@ def check_weights(job: JobConfig, num_classes: int) -> None:
             except (ValueError, FileNotFoundError) as err:
                 raise ValueError(f"config key {key!r}: {err}") from err
     if any(uri for _, uri in keys):
-        from panet_model import build_panet
-
         try:
             build_panet(job.model, num_classes=num_classes)  # loads and shape-checks them
         except (ValueError, FileNotFoundError) as err:
@@ -120,12 +120,9 @@ def check_weights(job: JobConfig, num_classes: int) -> None:
 
 def check_resume(job: JobConfig, num_classes: int) -> None:
     """A job name that resumes must still fit its checkpoint (`check_resumable`)."""
-    from pipeline.train.checkpoints import check_resumable, latest_state_file
-
     path = latest_state_file(job.run_dir)
     if path is None:
         return
-    from panet_model import build_panet
 
     model = build_panet(job.model, num_classes=num_classes)
     check_resumable(path, model, job.to_dict()["model"])
@@ -159,8 +156,6 @@ def preflight_resources(job: JobConfig, autoscaler_max: dict[str, float] | None 
             autoscaling config is read on the head node, and a trial may run on any node.
     """
     if ray_connected():
-        import ray
-
         check_resources(job, ray.cluster_resources(), autoscaler_max)
     elif not cluster_address(job):
         check_resources(job)
@@ -253,8 +248,6 @@ def warn_if_short_now(
 
 
 def _local_gpus() -> float:
-    import torch
-
     return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
@@ -265,10 +258,6 @@ def check_cluster_storage(job: JobConfig) -> None:
     would be written by whichever node rank 0 lands on. One small task per node checks (see
     `storage.check_on_every_node`); a single node has nothing to check.
     """
-    import ray
-
-    from pipeline import tracking
-
     if sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
         return
     writable = {"checkpoint.storage_path": job.checkpoint.storage_path}

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from panet_model import PANetConfig
 from panet_model.config import flatten
 from pipeline.config import JobConfig
+from pipeline.state_file import load_state
 from pipeline.storage import as_path
+from pipeline.train.checkpoints import latest_state_file
 
 if TYPE_CHECKING:
     from pipeline.storage import StoragePath
@@ -71,8 +74,6 @@ def config_changes(
 
 def schema_defaults(preset: str) -> dict[str, Any]:
     """Flat `JobConfig.to_dict()` of the defaults with the model preset `preset`."""
-    from panet_model import PANetConfig
-
     return flatten(JobConfig(model_preset=preset, model=PANetConfig.preset(preset)).to_dict())
 
 
@@ -105,9 +106,6 @@ def check_job_change(
     Raises:
         ValueError: one line naming the job directory and what differs.
     """
-    from pipeline.state_file import load_state
-    from pipeline.train.checkpoints import latest_state_file
-
     path = latest_state_file(job.run_dir)
     if path is None:
         return []

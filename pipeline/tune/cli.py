@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import tracking
+from pipeline.config import parse_set, resolve_config, shipped_names
+from pipeline.tune.sweep import base_job, describe, expand, load_sweep
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from pipeline.config import shipped_names
-
     p = sub.add_parser(
         "tune",
         help="sweep the paper's ablations or hyper-parameters with Ray Tune, tracked in MLflow",
@@ -38,9 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load(args: argparse.Namespace) -> Any:
     """The sweep, checked and expanded, with every trial's job config (no Ray)."""
-    from pipeline.config import parse_set
+    # deferred: `panet --help` imports this module; the runner loads Ray, torch, mlflow
     from pipeline.tune.runner import prepare
-    from pipeline.tune.sweep import base_job, expand, load_sweep
 
     sweep = load_sweep(args.sweep, args.name)
     job, base = base_job(base_config(sweep, args.config), parse_set(args.set))
@@ -54,8 +55,6 @@ def base_config(sweep: Any, config: str | None) -> Path:
     Raises:
         ValueError: no config named, or no such file or shipped config.
     """
-    from pipeline.config import resolve_config
-
     if config:
         return resolve_config(config)
     if not sweep.config:
@@ -65,8 +64,6 @@ def base_config(sweep: Any, config: str | None) -> Path:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from pipeline.tune.sweep import describe
-
     try:
         prepared = load(args)
         print(describe(prepared.sweep, prepared.trials, prepared.base))
@@ -84,8 +81,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def print_summary(result: dict[str, Any]) -> None:
     """The results table, the best trial, the parent run's page and the UI command."""
-    from pipeline import tracking
-
     print("\n" + Path(result["paths"]["md"]).read_text())
     best = result["best"]
     if best is not None:

@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.config import parse_set
 from pipeline.demo import CONFIG, TRAIN_IMAGES, TRAIN_SEED, VAL_IMAGES, VAL_SEED, ensure_shards
+from pipeline.tune.cli import print_summary
+from pipeline.tune.runner import prepare, run_sweep
+from pipeline.tune.sweep import base_job, expand, load_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    from pipeline.config import parse_set
-    from pipeline.tune.cli import print_summary
-    from pipeline.tune.runner import prepare, run_sweep
-    from pipeline.tune.sweep import base_job, expand, load_sweep
 
     try:
         sweep = load_sweep("demo")

@@ -103,6 +103,7 @@ def to_csv(rows: list[Row]) -> str:
 
 def bar_chart(rows: list[Row], path: Path, title: str) -> Path:
     """Segm and bbox AP (%) per trial as grouped bars, the paper's numbers as hollow bars."""
+    # deferred: matplotlib only for the optional chart; the Agg backend is set before pyplot
     import matplotlib
 
     matplotlib.use("Agg")

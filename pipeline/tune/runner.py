@@ -17,10 +17,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+from ray.tune import ExperimentAnalysis
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.util.state import list_placement_groups
+
+from pipeline import ray_session, tracking
 from pipeline.config import JobConfig
-from pipeline.ray_session import API_SERVER_ENV
+from pipeline.ray_session import API_SERVER_ENV, autoscaler_max_resources
+from pipeline.train.preflight import preflight
+from pipeline.tune.callbacks import TRIAL_TAG, SweepTracker
 from pipeline.tune.results import Row, best_row, status_of, write_results
 from pipeline.tune.sweep import Sweep, Trial, asha_rungs, check_trials, trial_job
+from pipeline.tune.trial import TRIAL_CPU, run_trial
 
 SWEEP_RUN = "sweep_run.json"  # in the sweep directory: the parent run's id and store
 SWEEP_RECORD = "sweep.json"  # in the sweep directory: the sweep and its expanded trials
@@ -104,8 +114,6 @@ def check_record(p: Prepared) -> bool:
 
 def trial_needs(job: JobConfig) -> dict[str, float]:
     """Logical resources one trial holds: its workers, one Ray Data task, its own actor."""
-    from pipeline.tune.trial import TRIAL_CPU
-
     s = job.scaling
     needs = {"CPU": s.num_workers * s.cpus_per_worker + job.data.decode_cpus + TRIAL_CPU}
     if s.use_gpu:
@@ -162,8 +170,6 @@ def connect(job: JobConfig, jobs: list[JobConfig]) -> None:
     its machine, which fails where several run): every process of the sweep gets it. Without
     it a stopped trial's placement group stays and every later trial waits for workers.
     """
-    from pipeline import ray_session
-
     ray_session.connect(
         job.ray.address,
         num_cpus=job.ray.num_cpus,
@@ -175,11 +181,7 @@ def connect(job: JobConfig, jobs: list[JobConfig]) -> None:
 
 def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
     """Fail with a message, not a hang, if the cluster's state API does not answer."""
-    from ray.util.state import list_placement_groups
-
     if not os.environ.get(API_SERVER_ENV):
-        import ray
-
         url = ray._private.worker.global_worker.node.address_info.get("webui_url", "")
         if url:
             os.environ[API_SERVER_ENV] = url if "://" in url else f"http://{url}"
@@ -196,8 +198,6 @@ def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
 def open_parent(p: Prepared) -> str:
     """The sweep's MLflow parent run: created once, its id kept in the sweep directory
     (`tracking.open_run`, as a job's)."""
-    from pipeline import tracking
-
     run_id = tracking.open_run(
         p.sweep_dir / SWEEP_RUN,
         p.tracking_uri,
@@ -244,8 +244,6 @@ def reuse_actors(scheduler: str) -> bool:
 
 def _scheduler(p: Prepared) -> Any:
     """ASHA over training steps (a rung at least every evaluation), or FIFO."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     if p.sweep.scheduler != "asha":
         return FIFOScheduler()
     every = p.jobs[0].eval.every_steps
@@ -274,11 +272,6 @@ def build_tuner(
         restore: restore the sweep's saved Tuner if there is one.
         autoscaler_max: what the cluster's autoscaler can add up to, for the trials' checks.
     """
-    from ray import tune
-
-    from pipeline.tune.callbacks import SweepTracker
-    from pipeline.tune.trial import TRIAL_CPU, run_trial
-
     setup = {
         "base": p.base,
         "sweep_dir": str(p.sweep_dir),
@@ -325,8 +318,6 @@ def saved_trials(p: Prepared) -> list[Any]:
     After an interrupt (Ctrl-C) Tune stops the running trials, but saves them unfinished first;
     the saved state, not the stopped objects, tells an interrupted trial from an early stop.
     """
-    from ray.tune import ExperimentAnalysis
-
     return list(ExperimentAnalysis(str(p.sweep_dir)).trials)
 
 
@@ -372,9 +363,6 @@ def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None
     `SweepTracker` sets them as trials end; an interrupted trial is stopped like an early one,
     so its run is set back here to KILLED, untagged, and a restore resumes it.
     """
-    from pipeline import tracking
-    from pipeline.tune.callbacks import TRIAL_TAG
-
     uri = p.tracking_uri
     early = ["sweep.early_stopped", "sweep.stopped_at_step"]
     runs = {r.data.tags.get(TRIAL_TAG): r for r in tracking.child_runs(uri, parent_run_id)}
@@ -395,9 +383,6 @@ def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None
 
 def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
     """Results to the sweep directory and the parent run; the best trial marked."""
-    from pipeline import tracking
-    from pipeline.tune.trial import TRIAL_TAG
-
     uri = p.tracking_uri
     reconcile_children(p, parent_run_id, rows)
     title = f"sweep {p.sweep.name}: COCO AP per trial" + (
@@ -431,15 +416,11 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         {"rows", "best", "paths", "unfinished", "tracking_uri", "parent_run_id",
         "sweep_dir", "elapsed_s"}.
     """
-    from pipeline.ray_session import autoscaler_max_resources
-    from pipeline.train.preflight import preflight
-
     t0 = time.perf_counter()
     for job in p.jobs:
         preflight(job)  # data and resume checks of every trial, before Ray starts
     restore = check_record(p)
     connect(p.base_job, p.jobs)
-    import ray
 
     # Read here, on the head node, where the autoscaling config is; the trials get it too.
     growable = autoscaler_max_resources()

@@ -11,6 +11,7 @@ trials that run and a restored sweep re-expands the same ones.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from panet_model.config import flatten
 from pipeline.config import JobConfig, load_job_config, resolve_shipped
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -76,8 +78,6 @@ class Sweep:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (the sweep as logged to MLflow and kept in the sweep directory)."""
-        import dataclasses
-
         return dataclasses.asdict(self)
 
 
@@ -199,7 +199,6 @@ def _integers(data: dict[str, Any], asha: dict[str, Any], where: str) -> dict[st
 def _overrides(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"sweep {where}: expected a mapping of dotted.key: value")
-    from panet_model.config import flatten
 
     flat = flatten(value)
     for key in flat:
@@ -306,8 +305,6 @@ def trial_job(base: dict[str, Any], trial: Trial, sweep_dir: Path, tracking_uri:
 
 def base_job(config: str | Path | None, sets: dict[str, Any]) -> tuple[JobConfig, dict[str, Any]]:
     """The sweep's base job, and its flat dict (`model.preset` + every key, absolute paths)."""
-    from panet_model.config import flatten
-
     job = load_job_config(config, sets)
     return job, flatten(job.to_dict())
 

@@ -13,6 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline import tracking
+from pipeline.failures import result_box
+from pipeline.quiet import quiet_driver
+from pipeline.train.driver import build_trainer, fit_run, open_run
+from pipeline.train.preflight import preflight
 from pipeline.tune.callbacks import PARENT_TAG, TRIAL_TAG, FreshEvalReportCallback
 from pipeline.tune.sweep import Trial, trial_job
 
@@ -28,12 +33,6 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             `parent_run_id`, `sweep` (its name), `trials` ({name: Trial fields}),
             `autoscaler_max` (`ray_session.autoscaler_max_resources` on the driver).
     """
-    from pipeline import tracking
-    from pipeline.failures import result_box
-    from pipeline.quiet import quiet_driver
-    from pipeline.train.driver import build_trainer, fit_run, open_run
-    from pipeline.train.preflight import preflight
-
     quiet_driver()  # the trial's process drives its Train run
     trial = Trial(**setup["trials"][config["trial"]])
     job = trial_job(setup["base"], trial, Path(setup["sweep_dir"]), setup["tracking_uri"])
