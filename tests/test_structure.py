@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle in pipeline/, no module over 500 lines, no long function.
+"""The package's shape: no import cycle in pipeline/, no module over 500 lines, no long function,
+imports at the top but where deferring one keeps `panet --help` light (or a reason is written).
 
 The import graph is read from the source with `ast` (no module is imported): an edge A -> B for
 every `import B` / `from B import x` in A, wherever it stands (inside functions too, since a
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +39,16 @@ def _type_checking_only(node: ast.If) -> bool:
     return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
-def imports(path: Path, known: set[str]) -> set[str]:
-    """The modules of `known` that the module at `path` imports."""
+def imports(path: Path, known: set[str], *, in_functions: bool = True) -> set[str]:
+    """The modules of `known` that the module at `path` imports; when not `in_functions`, those
+    that importing it runs: its top level only, a package's own modules included."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
+        if not in_functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return
         if isinstance(node, ast.If) and _type_checking_only(node):
             for child in node.orelse:
                 visit(child)
@@ -61,7 +67,9 @@ def imports(path: Path, known: set[str]) -> set[str]:
 
     visit(ast.parse(path.read_text(encoding="utf-8")))
     found = {m for m in found if m in known and m != name}
-    if path.name == "__init__.py":  # the package's interface re-exports its own modules
+    if (
+        in_functions and path.name == "__init__.py"
+    ):  # the package's interface re-exports its own modules
         found = {m for m in found if not m.startswith(name + ".")}
     return found
 
@@ -248,3 +256,89 @@ def test_the_design_notes_name_every_module() -> None:
     named = set(re.findall(r"[a-z_]+", block))
     unnamed = [m for m in modules() if m.rpartition(".")[2] not in named]
     assert unnamed == [], f"docs/design.md's module map does not name {unnamed}"
+
+
+# In-function imports. The modules `panet --help` loads (pipeline.cli and what it imports at the
+# top, transitively) defer their heavy third-party imports, each with a "# deferred:" comment;
+# every other module imports at the top, but for these, whose reason is written beside the import.
+DEFERRING: dict[str, str] = {
+    "pipeline.storage": "Ray, only to probe every node; the data tools use storage without Ray",
+    "pipeline.ray_session": "Ray's private KubeRay modules, only on a KubeRay head",
+    "pipeline.tune.results": "matplotlib, only for the optional chart (Agg set before pyplot)",
+}
+HEAVY = ("torch", "ray", "pyarrow", "PIL", "mlflow", "pycocotools", "matplotlib")
+
+
+def help_modules() -> set[str]:
+    """pipeline.cli and the modules (with their packages) it imports at the top, transitively."""
+    mods = modules()
+    known = set(mods)
+    seen: set[str] = set()
+    todo = ["pipeline.cli"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for m in imports(mods[name], known, in_functions=False):
+            parts = m.split(".")
+            todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return seen & known
+
+
+def function_imports(source: str, known: set[str]) -> list[str]:
+    """The module of every import inside a function: `import a.b` -> a.b, `from a import b` -> a,
+    or a.b when that is a module of `known`."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    base = node.module or "."
+                    subs = [f"{base}.{a.name}" for a in node.names]
+                    found += [m for m in subs if m in known] or [base]
+                elif isinstance(node, ast.Import):
+                    found += [a.name for a in node.names]
+    return found
+
+
+def test_imports_are_at_the_top_unless_deferring_saves_something() -> None:
+    """An in-function import only in a module `panet --help` loads or in DEFERRING, never of the
+    standard library or of a module `panet --help` loads anyway, and its reason written."""
+    light = help_modules()
+    assert {"pipeline.config", "pipeline.train.cli", "pipeline.tracking"} <= light
+    assert "pipeline.train.driver" not in light
+    bad = []
+    for name, path in modules().items():
+        source = path.read_text(encoding="utf-8")
+        inner = function_imports(source, set(modules()))
+        if not inner:
+            continue
+        if name not in light and name not in DEFERRING:
+            bad.append(f"{name}: {inner}")
+        for m in inner:
+            if m.split(".")[0] in sys.stdlib_module_names or m in light:
+                bad.append(f"{name}: {m} saves nothing")
+        if "# deferred:" not in source:
+            bad.append(f"{name}: no '# deferred:' reason")
+    assert bad == []
+    probe = "import a\ndef f():\n    from b.c import d\n    from b import c\n    import e\n"
+    assert function_imports(probe, {"b.c"}) == ["b.c", "b.c", "e"]
+
+
+def test_panet_help_loads_no_heavy_dependency() -> None:
+    """Building `panet`'s parser (every sub-command's) loads exactly `help_modules()` of pipeline/
+    and none of HEAVY."""
+    probe = (
+        "import sys, pipeline.cli; pipeline.cli.build_parser(); "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('pipeline', *h))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", f"h = {HEAVY!r}; {probe}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert [m for m in out if m.split(".")[0] in HEAVY] == []
+    assert set(out) == help_modules()
