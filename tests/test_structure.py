@@ -67,9 +67,8 @@ def imports(path: Path, known: set[str], *, in_functions: bool = True) -> set[st
 
     visit(ast.parse(path.read_text(encoding="utf-8")))
     found = {m for m in found if m in known and m != name}
-    if (
-        in_functions and path.name == "__init__.py"
-    ):  # the package's interface re-exports its own modules
+    # A package's interface re-exports its own modules: no edge in the graph of cycles.
+    if in_functions and path.name == "__init__.py":
         found = {m for m in found if not m.startswith(name + ".")}
     return found
 
