@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +45,15 @@ def test_setup_errors_reach_the_driver_through_its_result_box(local_ray: None) -
     ray.get(box.put.remote("error", "a later rank's error"))
     with pytest.raises(ValueError, match=r"^weights file '/models/r50.pth' does not exist$"):
         take_answer(box)
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(box.get.remote())  # freed once read
+    # Freed once read: `ray.kill` is asynchronous, so a call right after it may still be served.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ray.get(box.get.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the box still answers 30 s after it was read"
+        time.sleep(0.2)
 
     def crash() -> int:
         raise RuntimeError("CUDA error: an illegal memory access")  # may not repeat: Ray retries
