@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import ray
 import torch
 import torch.distributed as dist
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Raised by the config, weights and checkpoint loaders for bad inputs (they name the file/key).
 NON_RETRYABLE = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
@@ -45,9 +46,12 @@ class ResultBox:
 def result_box() -> Any:
     """A new `ResultBox` actor for one run, owned by the calling driver (it ends with it).
 
-    It takes no CPU, so it never waits for the slots the workers hold.
+    It takes no CPU, so it never waits for the slots the workers hold, and it lives on the
+    driver's node: on a worker's node it would die with that node, and a job that goes on after
+    losing the node could no longer read its answer.
     """
-    return ray.remote(num_cpus=0)(ResultBox).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ResultBox).options(scheduling_strategy=here).remote()
 
 
 def take_answer(box: Any) -> dict[str, Any]:
