@@ -79,3 +79,8 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set KEY=VALUE` of every command that overrides config values."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.args import DefaultsFormatter, positive_int
+from pipeline.args import DefaultsFormatter, add_set_option, positive_int
 from pipeline.config import parse_set
 
 
@@ -31,12 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=2, help="Ray Train workers")
     p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch and worker")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the checkpoint's model config, e.g. the test-time tricks --set "
+    add_set_option(
+        p,
+        "override the checkpoint's model config, e.g. the test-time tricks --set "
         "model.test.flip=true, model.test.scales=[224,256,288], model.test.box_vote=true",
     )
     p.set_defaults(func=cmd_eval)

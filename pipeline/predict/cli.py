@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
+from pipeline.args import add_set_option
 from pipeline.config import parse_set
 
 
@@ -39,12 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-detections", type=int, default=100, help="most detections per image (default 100)"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a model config value, e.g. --set model.test.flip=true (test-time tricks: "
+    add_set_option(
+        p,
+        "override a model config value, e.g. --set model.test.flip=true (test-time tricks: "
         "model.test.scales, .max_size, .flip, .box_vote, .mask_vote)",
     )
     p.add_argument("--no-pictures", action="store_true", help="do not draw the pictures")

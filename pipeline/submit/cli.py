@@ -13,6 +13,7 @@ import shlex
 import sys
 from typing import NoReturn
 
+from pipeline.args import add_set_option
 from pipeline.submit import SubmitError
 from pipeline.submit.check import JOBS, check_job
 from pipeline.submit.client import (
@@ -69,9 +70,7 @@ def _options() -> argparse.ArgumentParser:
         help="train/tune: the job config, a file (uploaded with the job) or a shipped config's "
         "name, e.g. coco_panet_r50",
     )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="train/tune: override"
-    )
+    add_set_option(p, "train/tune: override")
     p.add_argument(
         "--no-pip",
         action="store_true",

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pipeline import tracking
-from pipeline.args import DefaultsFormatter
+from pipeline.args import DefaultsFormatter, add_set_option
 from pipeline.config import load_job_config, parse_set
 
 
@@ -23,12 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", help="YAML job config: a file, or a shipped config's name, e.g. tiny_synth"
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set solver.max_steps=100 (repeatable; YAML values)",
+    add_set_option(
+        p,
+        "override a config value, e.g. --set solver.max_steps=100 (repeatable; YAML values)",
     )
     p.add_argument(
         "--dry-run",

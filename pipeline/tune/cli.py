@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
+from pipeline.args import add_set_option
 from pipeline.config import parse_set, resolve_config, shipped_names
 from pipeline.tune.sweep import base_job, describe, expand, load_sweep
 
@@ -26,12 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the base job config: a YAML file or a shipped config's name, e.g. tiny_synth "
         "(default: the sweep file's `config`, if any)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base config value for every trial (repeatable; YAML values)",
+    add_set_option(
+        p,
+        "override a base config value for every trial (repeatable; YAML values)",
     )
     p.add_argument("--name", help="the sweep's name (default: the sweep file's `name`)")
     p.add_argument("--dry-run", action="store_true", help="print the trials, run nothing")

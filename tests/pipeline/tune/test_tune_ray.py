@@ -94,11 +94,16 @@ def live_placement_groups(timeout: float = 90) -> list[str]:
 def trial_actors() -> Counter:
     """How many trial actors (Tune's `ImplicitFunc`) each job of the cluster has started."""
     from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
 
-    actors = list_actors(
-        filters=[("class_name", "=", "ImplicitFunc")], limit=1000, raise_on_missing_output=False
-    )
-    return Counter(a.job_id for a in actors)
+    for attempt in range(5):
+        try:  # a partial answer (a node's reply missing) raises instead of undercounting
+            actors = list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=1000)
+            return Counter(a.job_id for a in actors)
+        except RayStateApiException:
+            if attempt == 4:
+                raise
+            time.sleep(2)
 
 
 def children(client: MlflowClient, parent: str) -> dict[str, object]:
