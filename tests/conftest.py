@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,13 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "train": ensure_shards(root / "raw", root / "shards", "train", 24, 0),
         "val": ensure_shards(root / "raw", root / "shards", "val", 8, 1),
     }
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `mlflow server` for the session (SQLite, local artifacts); its tests keep apart
+    by experiment, run and model names. A test that stops its server starts its own."""
+    from tests.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri

@@ -294,15 +294,6 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory):
-    """A real MLflow server: a cluster job may not log to a local SQLite file."""
-    from tests.mlflow_server import mlflow_server
-
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        yield uri
-
-
-@pytest.fixture(scope="module")
 def working_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's files, plus what must never be uploaded: a .venv, data, runs."""
     wd = tmp_path_factory.mktemp("wd")

@@ -26,7 +26,7 @@ from torch import nn
 
 from pipeline import tracking
 from pipeline.tracking import metrics as tracking_metrics
-from tests.mlflow_server import free_port, mlflow_server, stop_group
+from tests.mlflow_server import free_port, stop_group
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +43,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
 
 
 @pytest.fixture(scope="module")
-def server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server`: one web worker, no job consumers, SQLite, proxied artifacts."""
-    with mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
-        yield uri
+def server_uri(mlflow_uri: str) -> str:
+    """The session's `mlflow server` (tests/conftest.py): SQLite, proxied artifacts."""
+    return mlflow_uri
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 from pipeline.config import load_job_config
 from pipeline.train.driver import run_training
-from tests.mlflow_server import mlflow_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -40,9 +39,8 @@ def cluster() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        yield uri
+def server(mlflow_uri: str) -> str:
+    return mlflow_uri  # the session's server (tests/conftest.py)
 
 
 def job_for(shards: dict[str, Path], storage: Path, **sets):
@@ -59,6 +57,7 @@ def job_for(shards: dict[str, Path], storage: Path, **sets):
         "eval.pictures": 2,
         "log_every": 2,
         "checkpoint.storage_path": str(storage),
+        "tracking.experiment": "test-driver",  # the session's server: this module's own runs
     }
     return load_job_config(CONFIG, {**base, **sets})
 

@@ -129,14 +129,13 @@ def test_default_sqlite_store_is_refused_for_object_storage(s3_shards) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_resume_and_eval_on_s3(s3_shards, tmp_path_factory) -> None:
+def test_train_resume_and_eval_on_s3(s3_shards, mlflow_uri: str) -> None:
     """Shards and checkpoints on S3: train, resume from the S3 checkpoint, eval it."""
     import ray
     from mlflow.tracking import MlflowClient
 
     from pipeline.evaluate.job import run_eval_job
     from pipeline.train.driver import run_training
-    from tests.mlflow_server import mlflow_server
 
     sets = {
         "name": "s3-job",
@@ -152,22 +151,22 @@ def test_train_resume_and_eval_on_s3(s3_shards, tmp_path_factory) -> None:
         "log_every": 1,
         "checkpoint.storage_path": "s3://panet/runs",
         "tracking.log_model": False,
+        "tracking.experiment": "test-storage",
     }
     ray.init(num_cpus=4)
     try:
-        with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
-            sets["tracking.uri"] = server
-            first = run_training(load_job_config(CONFIG, sets))
-            assert first["checkpoint"] == "s3://panet/runs/s3-job/step-00000002"
-            assert storage.is_file(first["checkpoint"] + "/state.pt")
-            assert set(first["metrics"]) >= {"segm/AP", "bbox/AP"}
-            # Resume: two more steps from the S3 checkpoint, into the same MLflow run.
-            second = run_training(load_job_config(CONFIG, {**sets, "solver.max_steps": 4}))
-            assert second["checkpoint"] == "s3://panet/runs/s3-job/step-00000004"
-            assert second["run_id"] == first["run_id"]
-            history = MlflowClient(server).get_metric_history(first["run_id"], "train/loss")
-            assert sorted(m.step for m in history) == [1, 2, 3, 4]
-            metrics = run_eval_job(second["checkpoint"], s3_shards["val"], 2, 2)
-            assert len(metrics) == 12 and metrics == pytest.approx(second["metrics"])
+        sets["tracking.uri"] = server = mlflow_uri
+        first = run_training(load_job_config(CONFIG, sets))
+        assert first["checkpoint"] == "s3://panet/runs/s3-job/step-00000002"
+        assert storage.is_file(first["checkpoint"] + "/state.pt")
+        assert set(first["metrics"]) >= {"segm/AP", "bbox/AP"}
+        # Resume: two more steps from the S3 checkpoint, into the same MLflow run.
+        second = run_training(load_job_config(CONFIG, {**sets, "solver.max_steps": 4}))
+        assert second["checkpoint"] == "s3://panet/runs/s3-job/step-00000004"
+        assert second["run_id"] == first["run_id"]
+        history = MlflowClient(server).get_metric_history(first["run_id"], "train/loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]
+        metrics = run_eval_job(second["checkpoint"], s3_shards["val"], 2, 2)
+        assert len(metrics) == 12 and metrics == pytest.approx(second["metrics"])
     finally:
         ray.shutdown()

@@ -28,7 +28,6 @@ from mlflow.tracking import MlflowClient
 from pipeline.ray_session import start_local
 from pipeline.tune.runner import prepare, run_sweep
 from pipeline.tune.sweep import base_job, expand, load_sweep
-from tests.mlflow_server import mlflow_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -56,9 +55,8 @@ def cluster() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        yield uri
+def server(mlflow_uri: str) -> str:
+    return mlflow_uri  # the session's server (tests/conftest.py)
 
 
 def sweep_file(path: Path, **content) -> Path:
