@@ -31,15 +31,20 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def mlflow_server(root: Path, timeout: float = 90, artifacts: str | None = None) -> Iterator[str]:
+def mlflow_server(
+    root: Path,
+    timeout: float = 90,
+    artifacts: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """Start `mlflow server` on a free localhost port; yield its URI; stop it (and its workers).
 
     `artifacts`: the server's `--artifacts-destination` (default `root/artifacts`; an s3:// URI
-    works with the AWS variables of this process's environment).
+    works with the AWS variables of this process's environment or of `env`, added to it).
     """
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     log_path = root / "server.log"
     cmd = [

@@ -286,11 +286,8 @@ def test_train_entrypoint_checks_a_config_like_panet_train(shards, tmp_path) -> 
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from tests.ray_cluster import ray_cluster
-
-    with ray_cluster(num_cpus=4) as c:
-        yield c
+def cluster(token_cluster):
+    return token_cluster  # the session's cluster (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,13 @@
 """Several nodes: elastic gradient accumulation, and a real two-node Ray cluster.
 
-The cluster tests start two Ray nodes on this machine (two raylets, each its own temp dir,
-logical CPUs and one unit of a custom resource, token authentication on), an S3-compatible
-server and an `mlflow server`, and submit the tiny training job with the `ray job submit`
-client. They stop only the processes they started.
+The cluster tests use the session's two Ray nodes on this machine (two raylets, each its own
+temp dir, logical CPUs and one unit of a custom resource, token authentication on), its
+S3-compatible server and its `mlflow server` (tests/conftest.py), and submit the tiny training
+job with the `ray job submit` client.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.train.elastic import group_steps, micro_batches
 from pipeline.train.step import train_step
+from tests.conftest import SLOT
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -201,8 +201,6 @@ def test_skip_resource_check_flag(tmp_path: Path, capsys: pytest.CaptureFixture)
 # ---------------------------------------------------------------------------------------------
 # A real two-node cluster: `ray job submit`, S3 storage, an MLflow server
 
-SLOT = "train_slot"  # one unit on each node: the two train workers land on different nodes
-
 
 @dataclass
 class Stack:
@@ -213,31 +211,16 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Two Ray nodes, an S3 server holding the shards, an MLflow server with S3 artifacts."""
-    from tests.mlflow_server import mlflow_server
-    from tests.ray_cluster import NodeSpec, ray_cluster
-    from tests.s3_server import s3_server
-
-    root = tmp_path_factory.mktemp("multinode")
-    (root / "mlflow").mkdir()
-    with contextlib.ExitStack() as stop:
-        s3_env = stop.enter_context(s3_server(root))
-        env = stop.enter_context(pytest.MonkeyPatch.context())
+def stack(
+    token_cluster: Any, s3_env: dict[str, str], mlflow_uri: str, tmp_path_factory
+) -> Iterator[Stack]:
+    """The session's two Ray nodes, S3 server (holding this module's shards) and MLflow server
+    (tests/conftest.py); the S3 variables set in this process for the module."""
+    with pytest.MonkeyPatch.context() as env:
         for key, value in s3_env.items():
             env.setenv(key, value)
-        mlflow = stop.enter_context(
-            mlflow_server(root / "mlflow", timeout=300, artifacts="s3://panet/mlflow")
-        )
-        cluster = stop.enter_context(
-            ray_cluster(
-                num_cpus=3,
-                resources={SLOT: 1},
-                extra_nodes=[NodeSpec(num_cpus=2, resources={SLOT: 1})],
-                timeout=300,  # a loaded 2-core machine starts a node in ~30-90 s
-            )
-        )
-        yield Stack(cluster, s3_env, mlflow, _shards_on_s3(root))
+        shards = _shards_on_s3(tmp_path_factory.mktemp("multinode"))
+        yield Stack(token_cluster, s3_env, mlflow_uri, shards)
 
 
 @pytest.fixture

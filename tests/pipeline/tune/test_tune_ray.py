@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,11 @@ BUDGET = {  # a tiny trial: 6 steps of 128-160 px images, evaluated every 2 step
 
 
 @pytest.fixture(scope="module")
-def cluster() -> str:
-    """One local Ray instance for every sweep of the module, with the dashboard (state API)."""
+def cluster() -> Iterator[str]:
+    """One local Ray instance for every sweep of the module, with the dashboard (state API).
+
+    In-process, not the session's token cluster: a process's Ray auth mode is fixed by its
+    first `ray.init`, and earlier tests of this process ran without a token."""
     start_local(4, state_api=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -75,14 +79,15 @@ def base_sets(shards: dict[str, Path], storage: Path, server: str) -> dict:
     }
 
 
-def live_placement_groups(timeout: float = 90) -> list[str]:
-    """Placement groups not REMOVED once Ray Train's cleaner had `timeout` s to act."""
+def live_placement_groups(timeout: float = 90, before: frozenset = frozenset()) -> list[str]:
+    """Placement groups not REMOVED once Ray Train's cleaner had `timeout` s to act, apart from
+    those live `before` (other jobs' on the shared cluster)."""
     deadline = time.monotonic() + timeout
     while True:
         live = [
             pg_id
             for pg_id, pg in ray.util.placement_group_table().items()
-            if pg["state"] != "REMOVED"
+            if pg["state"] != "REMOVED" and pg_id not in before
         ]
         if not live or time.monotonic() > deadline:
             return live
@@ -131,6 +136,7 @@ def test_asha_sweep_nested_in_mlflow(
     sweep = load_sweep(str(path))
     job, base = base_job(CONFIG, base_sets(shards, tmp_path / "runs", server))
     before = trial_actors()
+    groups = frozenset(live_placement_groups(timeout=0))
     result = run_sweep(prepare(sweep, expand(sweep), job, base))
 
     status = {r.trial: r.status for r in result["rows"]}
@@ -179,7 +185,7 @@ def test_asha_sweep_nested_in_mlflow(
     assert table["poor"]["status"] == "early-stopped" and table["good"]["paper_segm_AP"] == "37.6"
     assert table["diverges"]["status"] == "failed" and table["diverges"]["segm_AP"] == ""
     assert failed.data.params["solver.base_lr"] == "1e+30"
-    assert live_placement_groups() == []
+    assert live_placement_groups(before=groups) == []
 
 
 def run_cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -226,6 +232,7 @@ def test_interrupted_sweep_restores(
 
     log1 = tmp_path / "first.log"
     before = trial_actors()
+    groups = frozenset(live_placement_groups(timeout=0))
     proc = run_cli(args, env, log1)
     # Interrupt once the second trial has its first checkpoint: the first one is finished.
     wait_for(
@@ -264,4 +271,4 @@ def test_interrupted_sweep_restores(
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert "sweep.early_stopped" not in kids["second"].data.tags  # interrupted, not stopped
     assert client.get_run(parent).info.status == "FINISHED"
-    assert live_placement_groups() == []
+    assert live_placement_groups(before=groups) == []
