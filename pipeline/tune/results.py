@@ -142,7 +142,7 @@ def write_results(
             "Welch's t-test against the first row):\n\n"
         )
         table = head + stats.to_markdown(grouped) + "\nPer trial:\n\n" + table
-        figures.row_chart(grouped, paths["png"], title)
+        figures.row_chart(grouped, paths["png"], title.replace("per trial", "per row, over seeds"))
     else:
         figures.bar_chart(rows, paths["png"], title)
     paths["md"].write_text(table)

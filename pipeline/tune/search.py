@@ -1,11 +1,12 @@
 """Optuna's TPE as a sweep's search algorithm (`search: {algorithm: optuna}`).
 
 Ray Tune's `OptunaSearch` asks Optuna's study for each new trial's values and tells it each
-trial's last reported metric. The study lives beside the sweep's results, in an Optuna RDB
-storage named after the sweep (`<sweep dir>/optuna.db`):
-`optuna.load_study(study_name=<sweep>, storage="sqlite:///<sweep dir>/optuna.db")` reads it, and
-optuna-dashboard shows it. Tune saves the searcher with the experiment, so a restored sweep goes
-on asking the same study; an interrupted trial resumes with the values it was given.
+trial's last reported metric. The study lives beside the sweep's results, named after the
+sweep, in Optuna's journal file storage (`<sweep dir>/optuna.journal`; an SQLite study took
+~0.5 s a trial on a busy 2-core host, the journal ~40 ms):
+`optuna.load_study(study_name=<sweep>, storage=JournalStorage(JournalFileBackend(<file>)))`
+reads it and `optuna-dashboard <file>` shows it. Tune saves the searcher with the experiment, so
+a restored sweep goes on asking the same study; an interrupted trial resumes with its values.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.tune.sweep import Sweep, Trial, optuna_name
 
-STUDY_FILE = "optuna.db"  # in the sweep directory
+STUDY_FILE = "optuna.journal"  # in the sweep directory
 MAX_RANDOM_STARTS = 10  # Optuna's default number of random trials before TPE models the rest
 
 
@@ -56,7 +59,7 @@ def optuna_space(sweep: Sweep) -> dict[str, Any]:
 
 
 def optuna_searcher(sweep: Sweep, sweep_dir: Path) -> SweepOptunaSearch:
-    """The sweep's searcher: TPE seeded by the sweep's `seed`, its study in `optuna.db`.
+    """The sweep's searcher: TPE seeded by the sweep's `seed`, its study in `optuna.journal`.
 
     The first third of the trials (at most 10) are random draws that TPE then models; with
     concurrent trials, TPE's constant liar keeps running trials from being proposed twice.
@@ -73,7 +76,7 @@ def optuna_searcher(sweep: Sweep, sweep_dir: Path) -> SweepOptunaSearch:
         mode=sweep.mode,
         sampler=sampler,
         study_name=sweep.name,
-        storage=optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / STUDY_FILE}"),
+        storage=JournalStorage(JournalFileBackend(str(sweep_dir / STUDY_FILE))),
     )
 
 
