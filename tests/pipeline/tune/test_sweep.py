@@ -361,10 +361,12 @@ def test_status_of() -> None:
     assert status_of(False, True, 4, 6) == "early-stopped"
 
 
-def test_demo_sweep_is_three_tiny_trials(tmp_path: Path) -> None:
+def test_demo_sweep_is_three_tiny_rows_over_two_seeds(tmp_path: Path) -> None:
     jobs = jobs_of("demo", tmp_path)
-    assert list(jobs) == ["tiny", "tiny-noBPA", "tiny-noAFP"]
+    rows = ["tiny", "tiny-noBPA", "tiny-noAFP"]
+    assert list(jobs) == [f"{r}-s{k}" for k in (0, 1) for r in rows]
     assert {j["model_preset"] for j in jobs.values()} == {"tiny"}
     assert {j["scaling.num_workers"] for j in jobs.values()} == {2}
-    assert changed(jobs["tiny"], jobs["tiny-noBPA"]) == {"model.bpa.enabled"}
-    assert changed(jobs["tiny"], jobs["tiny-noAFP"]) == {"model.afp.enabled"}
+    assert changed(jobs["tiny-s0"], jobs["tiny-noBPA-s0"]) == {"model.bpa.enabled"}
+    assert changed(jobs["tiny-s0"], jobs["tiny-noAFP-s0"]) == {"model.afp.enabled"}
+    assert changed(jobs["tiny-s0"], jobs["tiny-s1"]) == {"seed"}
