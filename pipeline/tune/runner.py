@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,13 @@ class Prepared:
     base_job: JobConfig
     sweep_dir: Path
     tracking_uri: str
+    probes: list[JobConfig] = field(default_factory=list)  # Optuna: each searched value once
+
+    @property
+    def checked_jobs(self) -> list[JobConfig]:
+        """What preflight checks before Ray starts: every trial's job; with Optuna the probes,
+        whose values cover the space (a slot's job lacks the values its trial drew)."""
+        return self.probes if self.sweep.algorithm == "optuna" else self.jobs
 
     @property
     def max_steps(self) -> int:
@@ -82,13 +89,14 @@ def prepare(sweep: Sweep, trials: list[Trial], base_job: JobConfig, base: dict) 
     sweep_dir = storage.resolve() / "sweeps" / sweep.name
     uri = sweep_tracking_uri(base_job, storage)
     jobs = [trial_job(base, t, sweep_dir, uri) for t in trials]
+    probed = []
     for key, value, probe in probes(sweep):  # Optuna's values: each choice, each range's ends
         try:
-            jobs.append(trial_job(base, probe, sweep_dir, uri))
+            probed.append(trial_job(base, probe, sweep_dir, uri))
         except ValueError as err:
             raise ValueError(f"sweep {sweep.name!r} search {key!r} value {value!r}: {err}") from err
-    check_trials(sweep, trials, jobs[: len(trials)])
-    return Prepared(sweep, trials, jobs, base, base_job, sweep_dir, uri)
+    check_trials(sweep, trials, jobs)
+    return Prepared(sweep, trials, jobs, base, base_job, sweep_dir, uri, probed)
 
 
 def check_record(p: Prepared) -> bool:
@@ -447,7 +455,7 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         "sweep_dir", "elapsed_s"}.
     """
     t0 = time.perf_counter()
-    for job in p.jobs:
+    for job in p.checked_jobs:
         preflight(job)  # data and resume checks of every trial, before Ray starts
     restore = check_record(p)
     connect(p.base_job, p.jobs)

@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 from pipeline.tune.sweep import Sweep, Trial, optuna_name
 
 STUDY_FILE = "optuna.journal"  # in the sweep directory
+PROBE = "optuna-probe"  # a probe's job name: no trial's directory, so no resume check meets one
 MAX_RANDOM_STARTS = 10  # Optuna's default number of random trials before TPE models the rest
 
 
@@ -110,7 +111,7 @@ def probes(sweep: Sweep) -> list[tuple[str, Any, Trial]]:
     if sweep.algorithm != "optuna":
         return []
     return [
-        (key, value, Trial(optuna_name(0), {**sweep.set, key: value}))
+        (key, value, Trial(PROBE, {**sweep.set, key: value}))
         for key, spec in sweep.search.items()
         for value in next(iter(spec.values()))
     ]
