@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from pipeline.tune.stats import RowStats
 
@@ -133,14 +134,24 @@ def search_figure(
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, rotation=20 if max(map(len, labels)) > 6 else 0, fontsize=8)
             ax.set_xlim(-0.5, len(labels) - 0.5)
-        elif kind == "loguniform":
-            ax.set_xscale("log")
+        else:  # the whole searched range, a few plain ticks across it
+            lo, hi = float(values[0]), float(values[1])
+            log = kind == "loguniform"
+            if log:
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ticks = [lo * (hi / lo) ** (i / 3) if log else lo + (hi - lo) * i / 3 for i in range(4)]
+            ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks], fontsize=8)
+            pad = (hi / lo) ** 0.05 if log else 0.05 * (hi - lo)
+            ax.set_xlim(lo / pad, hi * pad) if log else ax.set_xlim(lo - pad, hi + pad)
         ax.set_xlabel(key, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
     if points is not None:
-        fig.colorbar(points, ax=list(axes[: len(keys)]), label="trial (in order)", shrink=0.8)
+        bar = fig.colorbar(points, ax=list(axes[: len(keys)]), label="trial (in order)", shrink=0.8)
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
     early = any(r.status != "finished" for _, r in scored)
     fig.suptitle(title + (" (triangles: early-stopped)" if early else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
