@@ -96,6 +96,25 @@ def row_chart(rows: list[RowStats], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def _x_axis(ax: Any, kind: str, values: list[Any]) -> None:
+    """A searched key's axis: its choices as labels, or its whole range with plain ticks."""
+    if kind in ("choice", "grid"):
+        labels = [str(v) for v in values]
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=20 if max(map(len, labels)) > 6 else 0, fontsize=8)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        return
+    lo, hi = float(values[0]), float(values[1])
+    log = kind == "loguniform"
+    if log:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ticks = [lo * (hi / lo) ** (i / 3) if log else lo + (hi - lo) * i / 3 for i in range(4)]
+    ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks], fontsize=8)
+    pad = (hi / lo) ** 0.05 if log else 0.05 * (hi - lo)
+    ax.set_xlim(lo / pad, hi * pad) if log else ax.set_xlim(lo - pad, hi + pad)
+
+
 def search_figure(
     rows: list[Any], search: dict[str, dict[str, list[Any]]], metric: str, path: Path, title: str
 ) -> Path | None:
@@ -130,20 +149,7 @@ def search_figure(
                 cmap="viridis", vmin=0, vmax=max(len(rows) - 1, 1), s=40, marker=marker,
                 edgecolors="k", linewidths=0.5,
             )  # fmt: skip
-        if categorical:
-            ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels(labels, rotation=20 if max(map(len, labels)) > 6 else 0, fontsize=8)
-            ax.set_xlim(-0.5, len(labels) - 0.5)
-        else:  # the whole searched range, a few plain ticks across it
-            lo, hi = float(values[0]), float(values[1])
-            log = kind == "loguniform"
-            if log:
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            ticks = [lo * (hi / lo) ** (i / 3) if log else lo + (hi - lo) * i / 3 for i in range(4)]
-            ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks], fontsize=8)
-            pad = (hi / lo) ** 0.05 if log else 0.05 * (hi - lo)
-            ax.set_xlim(lo / pad, hi * pad) if log else ax.set_xlim(lo - pad, hi + pad)
+        _x_axis(ax, kind, values)
         ax.set_xlabel(key, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)
     for ax in axes[len(keys) :]:
