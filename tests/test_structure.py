@@ -263,7 +263,6 @@ def test_the_design_notes_name_every_module() -> None:
 DEFERRING: dict[str, str] = {
     "pipeline.storage": "Ray, only to probe every node; the data tools use storage without Ray",
     "pipeline.ray_session": "Ray's private KubeRay modules, only on a KubeRay head",
-    "pipeline.tune.results": "matplotlib, only for the optional chart (Agg set before pyplot)",
 }
 HEAVY = ("torch", "ray", "pyarrow", "PIL", "mlflow", "pycocotools", "matplotlib")
 

@@ -1,4 +1,4 @@
-"""`make sweep-demo`: the demo data, then a 3-trial sweep (jobs/sweeps/demo.yaml) tracked in MLflow.
+"""`make sweep-demo`: the demo data, then 3 rows x 2 seeds (jobs/sweeps/demo.yaml) in MLflow.
 
 Re-running reuses what exists: the shards are kept and the sweep is restored by name (finished
 trials are not run again), so a second run prints the same results at once.
@@ -21,7 +21,7 @@ from pipeline.tune.sweep import base_job, expand, load_sweep
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A 3-trial Ray Tune sweep on the demo data.")
+    parser = argparse.ArgumentParser(description="A 6-trial Ray Tune sweep on the demo data.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

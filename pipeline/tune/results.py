@@ -1,4 +1,6 @@
-"""A sweep's results: one row a trial, as a markdown table, a CSV file and a bar chart."""
+"""A sweep's results: one row a trial, as a markdown table, a CSV file and a bar chart; with
+repeated seeds, the rows' statistics first (`pipeline/tune/stats.py`); with searched keys, the
+searched values against the metric."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.tune import figures, stats
 
 STATUSES = ("finished", "early-stopped", "failed", "unfinished")
 
@@ -25,6 +29,7 @@ class Row:
     status: str  # one of STATUSES
     paper: dict[str, float] = field(default_factory=dict)  # the paper's numbers for the row
     metric: float = math.nan  # the sweep's metric
+    group: str = ""  # the row of a repeated trial (seeds > 1); "" = its own
 
 
 def status_of(error: bool, terminated: bool, step: int, max_steps: int) -> str:
@@ -83,7 +88,7 @@ def to_csv(rows: list[Row]) -> str:
     writer = csv.writer(out)
     writer.writerow(
         ["trial", "overrides", "steps", "bbox_AP", "segm_AP", "paper_bbox_AP", "paper_segm_AP"]
-        + ["status"]
+        + ["status", "row"]
     )
     for r in rows:
         writer.writerow(
@@ -96,66 +101,59 @@ def to_csv(rows: list[Row]) -> str:
                 r.paper.get("bbox_AP", ""),
                 r.paper.get("segm_AP", ""),
                 r.status,
+                r.group or r.trial,
             ]
         )
     return out.getvalue()
 
 
-def bar_chart(rows: list[Row], path: Path, title: str) -> Path:
-    """Segm and bbox AP (%) per trial as grouped bars, the paper's numbers as hollow bars."""
-    # deferred: matplotlib only for the optional chart; the Agg backend is set before pyplot
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    has_paper = any(r.paper for r in rows)
-    n = len(rows)
-    width = 0.2 if has_paper else 0.38
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * n + 2), 4.2))
-    xs = list(range(n))
-
-    def values(get: Any) -> list[float]:
-        return [get(r) if math.isfinite(get(r)) else 0.0 for r in rows]
-
-    series = [
-        ("segm AP", values(lambda r: 100 * r.segm_AP), "tab:blue", None),
-        ("bbox AP", values(lambda r: 100 * r.bbox_AP), "tab:orange", None),
+def row_stats(rows: list[Row]) -> list[stats.RowStats]:
+    """The trials' rows (a row: one variant / configuration over its seeds), with statistics."""
+    scores = [
+        (r.group or r.trial, r.status, {"segm_AP": r.segm_AP, "bbox_AP": r.bbox_AP}, r.paper)
+        for r in rows
     ]
-    if has_paper:
-        series += [
-            ("paper segm AP", [r.paper.get("segm_AP", 0.0) for r in rows], "tab:blue", "//"),
-            ("paper bbox AP", [r.paper.get("bbox_AP", 0.0) for r in rows], "tab:orange", "//"),
-        ]
-    offset = -(len(series) - 1) / 2 * width
-    for i, (label, ys, color, hatch) in enumerate(series):
-        pos = [x + offset + i * width for x in xs]
-        if hatch:
-            ax.bar(pos, ys, width, label=label, fill=False, edgecolor=color, hatch=hatch)
-        else:
-            ax.bar(pos, ys, width, label=label, color=color)
-    ax.set_xticks(xs)
-    labels = [r.trial + ("" if r.status == "finished" else f"\n({r.status})") for r in rows]
-    ax.set_xticklabels(labels, rotation=30 if n > 5 else 0, ha="right" if n > 5 else "center")
-    ax.set_ylabel("AP (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return stats.row_stats(scores)
 
 
-def write_results(rows: list[Row], directory: Path, title: str, common: dict[str, Any]) -> dict:
-    """results.md, results.csv and results.png in `directory`; returns their paths."""
+def write_results(
+    rows: list[Row],
+    directory: Path,
+    title: str,
+    common: dict[str, Any],
+    search: dict[str, dict[str, list[Any]]] | None = None,
+    metric: str = "segm_AP",
+) -> dict[str, Path]:
+    """results.md, results.csv and results.png in `directory`, and search.png for a sweep with
+    searched keys; returns their paths. With repeated rows (seeds > 1) results.md starts with
+    each row's statistics and results.png shows them."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {
         "md": directory / "results.md",
         "csv": directory / "results.csv",
         "png": directory / "results.png",
     }
-    paths["md"].write_text(to_markdown(rows, common))
+    table = to_markdown(rows, common)
+    grouped = row_stats(rows)
+    if len(grouped) < len(rows):
+        n = max(s.summaries["segm_AP"].runs for s in grouped)
+        head = (
+            f"Per row over up to {n} seeds (AP in %; mean ± sd, the mean's 95% t interval, "
+            "Welch's t-test against the first row):\n\n"
+        )
+        table = head + stats.to_markdown(grouped) + "\nPer trial:\n\n" + table
+        figures.row_chart(grouped, paths["png"], title.replace("per trial", "per row, over seeds"))
+    else:
+        figures.bar_chart(rows, paths["png"], title)
+    paths["md"].write_text(table)
     paths["csv"].write_text(to_csv(rows))
-    bar_chart(rows, paths["png"], title)
+    picture = figures.search_figure(
+        rows,
+        search or {},
+        metric,
+        directory / "search.png",
+        f"{title.split(':')[0]}: searched values",
+    )
+    if picture is not None:
+        paths["search"] = picture
     return paths

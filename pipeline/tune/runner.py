@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from pipeline.ray_session import API_SERVER_ENV, autoscaler_max_resources
 from pipeline.train.preflight import preflight
 from pipeline.tune.callbacks import TRIAL_TAG, SweepTracker
 from pipeline.tune.results import Row, best_row, status_of, write_results
+from pipeline.tune.search import STUDY_FILE, optuna_searcher, probes, searched_trial
 from pipeline.tune.sweep import Sweep, Trial, asha_rungs, check_trials, trial_job
 from pipeline.tune.trial import TRIAL_CPU, run_trial
 
@@ -48,6 +49,13 @@ class Prepared:
     base_job: JobConfig
     sweep_dir: Path
     tracking_uri: str
+    probes: list[JobConfig] = field(default_factory=list)  # Optuna: each searched value once
+
+    @property
+    def checked_jobs(self) -> list[JobConfig]:
+        """What preflight checks before Ray starts: every trial's job; with Optuna the probes,
+        whose values cover the space (a slot's job lacks the values its trial drew)."""
+        return self.probes if self.sweep.algorithm == "optuna" else self.jobs
 
     @property
     def max_steps(self) -> int:
@@ -81,8 +89,14 @@ def prepare(sweep: Sweep, trials: list[Trial], base_job: JobConfig, base: dict) 
     sweep_dir = storage.resolve() / "sweeps" / sweep.name
     uri = sweep_tracking_uri(base_job, storage)
     jobs = [trial_job(base, t, sweep_dir, uri) for t in trials]
+    probed = []
+    for key, value, probe in probes(sweep):  # Optuna's values: each choice, each range's ends
+        try:
+            probed.append(trial_job(base, probe, sweep_dir, uri))
+        except ValueError as err:
+            raise ValueError(f"sweep {sweep.name!r} search {key!r} value {value!r}: {err}") from err
     check_trials(sweep, trials, jobs)
-    return Prepared(sweep, trials, jobs, base, base_job, sweep_dir, uri)
+    return Prepared(sweep, trials, jobs, base, base_job, sweep_dir, uri, probed)
 
 
 def check_record(p: Prepared) -> bool:
@@ -214,6 +228,9 @@ def open_parent(p: Prepared) -> str:
         "sweep.mode": p.sweep.mode,
         "sweep.scheduler": p.sweep.scheduler,
         "sweep.samples": p.sweep.samples,
+        "sweep.seeds": p.sweep.seeds,
+        "sweep.algorithm": p.sweep.algorithm,
+        "sweep.searched_keys": sorted(p.sweep.search),
         "sweep.trials": len(p.trials),
         "sweep.max_failures": p.sweep.max_failures,
     }
@@ -279,6 +296,7 @@ def build_tuner(
         "parent_run_id": parent_run_id,
         "sweep": p.sweep.name,
         "trials": {t.name: asdict(t) for t in p.trials},
+        "spec": p.sweep,  # decodes an Optuna trial's values
         "autoscaler_max": autoscaler_max,
     }
     trainable = tune.with_resources(
@@ -288,7 +306,9 @@ def build_tuner(
         return tune.Tuner.restore(
             str(p.sweep_dir), trainable, resume_unfinished=True, resume_errored=False
         )
-    space = {"trial": tune.grid_search([t.name for t in p.trials])}
+    # Random sweeps are expanded up front (pipeline.tune.sweep); Optuna draws as trials end.
+    optuna = p.sweep.algorithm == "optuna"
+    space = None if optuna else {"trial": tune.grid_search([t.name for t in p.trials])}
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -296,7 +316,8 @@ def build_tuner(
             metric=p.sweep.metric,
             mode=p.sweep.mode,
             scheduler=_scheduler(p),
-            num_samples=1,  # the trials are expanded up front (pipeline.tune.sweep)
+            search_alg=optuna_searcher(p.sweep, p.sweep_dir) if optuna else None,
+            num_samples=p.sweep.samples if optuna else 1,
             max_concurrent_trials=max_concurrent,
             reuse_actors=reuse_actors(p.sweep.scheduler),
             trial_name_creator=trial_name,
@@ -321,13 +342,25 @@ def saved_trials(p: Prepared) -> list[Any]:
     return list(ExperimentAnalysis(str(p.sweep_dir)).trials)
 
 
+def sweep_trials(p: Prepared, saved: list[Any]) -> list[Trial]:
+    """The sweep's trials in order; an Optuna sweep's with the values its saved trials drew
+    (slots Optuna has not filled yet keep the common set)."""
+    if p.sweep.algorithm != "optuna":
+        return p.trials
+    known = {t.name: t for t in p.trials}
+    for trial in saved:
+        drawn = {k: v for k, v in trial.config.items() if k != "trial"}
+        known[trial.config["trial"]] = searched_trial(p.sweep, trial.config["trial"], drawn)
+    return [known[name] for name in sorted(known)]
+
+
 def collect(p: Prepared, trials: list[Any]) -> list[Row]:
     """One row a trial, in the sweep's order, from Tune's saved trials."""
     by_name = {}
     for trial in trials:
         by_name[trial.config["trial"]] = trial
     rows = []
-    for t in p.trials:
+    for t in sweep_trials(p, trials):
         trial = by_name.get(t.name)
         last = dict(getattr(trial, "last_result", None) or {}) if trial else {}
         step = int(last.get("step", 0) or 0)
@@ -352,6 +385,7 @@ def collect(p: Prepared, trials: list[Any]) -> list[Row]:
                 status=status,
                 paper=t.paper,
                 metric=float(last.get(p.sweep.metric, nan)) if step else nan,
+                group=t.group,
             )
         )
     return rows
@@ -388,9 +422,13 @@ def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
     title = f"sweep {p.sweep.name}: COCO AP per trial" + (
         " (hatched: the paper's)" if any(r.paper for r in rows) else ""
     )
-    paths = write_results(rows, p.sweep_dir / "results", title, p.sweep.set)
+    paths = write_results(
+        rows, p.sweep_dir / "results", title, p.sweep.set, p.sweep.search, p.sweep.metric
+    )
     for path in paths.values():
         tracking.log_artifact_file(uri, parent_run_id, path, "results")
+    if (p.sweep_dir / STUDY_FILE).is_file():  # Optuna's study, for optuna.load_study
+        tracking.log_artifact_file(uri, parent_run_id, p.sweep_dir / STUDY_FILE, "optuna")
     counts = {s: sum(r.status == s for r in rows) for s in ("finished", "early-stopped", "failed")}
     tracking.log_metrics(uri, parent_run_id, {f"trials_{k}": v for k, v in counts.items()}, 0)
     best = best_row(rows, p.sweep.mode)
@@ -417,7 +455,7 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         "sweep_dir", "elapsed_s"}.
     """
     t0 = time.perf_counter()
-    for job in p.jobs:
+    for job in p.checked_jobs:
         preflight(job)  # data and resume checks of every trial, before Ray starts
     restore = check_record(p)
     connect(p.base_job, p.jobs)

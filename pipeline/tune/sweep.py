@@ -3,10 +3,12 @@
 A sweep file holds the metric, the scheduler, the concurrency and the number of samples, and
 the trials' overrides of the job config: `set` (every trial), `variants` (named rows, each with
 its own `set` and the paper's numbers) and `search` (dotted key -> `{grid: [...]}`,
-`{choice: [...]}`, `{uniform: [lo, hi]}` or `{loguniform: [lo, hi]}`). Trials are the
-variants x the grid's product x `samples`; `choice`/`uniform`/`loguniform` are drawn once per
-trial from the sweep's seed. The expansion happens here, once, so `--dry-run` prints exactly the
-trials that run and a restored sweep re-expands the same ones.
+`{choice: [...]}`, `{uniform: [lo, hi]}` or `{loguniform: [lo, hi]}`). With the
+default `search.algorithm: random` the trials are the variants x the grid's product x `samples`,
+`choice`/`uniform`/`loguniform` drawn per trial from the sweep's seed, each run `seeds` times
+(`seed` 0..N-1). The expansion happens here, once, so `--dry-run` prints exactly the trials that
+run and a restored sweep re-expands the same ones. With `optuna`, the trials are `samples` slots
+whose searched values Optuna picks as the sweep runs (`pipeline/tune/search.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from panet_model.config import flatten
 from pipeline.config import JobConfig, load_job_config, resolve_shipped
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
+ALGORITHMS = ("random", "optuna")  # search.algorithm: drawn up front, or by Optuna's TPE
 METRICS = ("segm_AP", "bbox_AP", "train_loss")  # reported to Tune after each evaluation
 TOP_KEYS = {
     "name",
@@ -37,6 +40,7 @@ TOP_KEYS = {
     "asha",
     "concurrency",
     "samples",
+    "seeds",
     "seed",
     "max_failures",
     "set",
@@ -70,7 +74,9 @@ class Sweep:
     reduction_factor: int = 2  # ASHA: keep the best 1/rf of the trials at each rung
     concurrency: int = 0  # trials at a time, 0 = as many as the cluster holds
     samples: int = 1  # repeats of the whole expansion (new draws each time)
-    seed: int = 0  # seed of the sampled values
+    seed: int = 0  # seed of the sampled values (and of Optuna's sampler)
+    seeds: int = 1  # runs of every row, with the job's `seed` set to 0..seeds-1
+    algorithm: Literal["random", "optuna"] = "random"  # search.algorithm
     max_failures: int = 1  # retries of a failed trial before it is marked failed
     set: dict[str, Any] = field(default_factory=dict)
     variants: tuple[Variant, ...] = ()
@@ -89,6 +95,7 @@ class Trial:
     overrides: dict[str, Any]
     variant: str = ""
     paper: dict[str, float] = field(default_factory=dict)
+    group: str = ""  # the row a repeated trial (seeds > 1) runs again; "" = its own name
 
 
 def _fail(where: str, message: str) -> ValueError:
@@ -125,7 +132,9 @@ def load_sweep(name_or_path: str, name: str | None = None) -> Sweep:
         if v.name in seen:
             raise _fail(where, f"variants: name {v.name!r} appears twice")
         seen.add(v.name)
-    search = _search(data.get("search") or {}, where)
+    algorithm, search = _search(data.get("search") or {}, where)
+    _check_algorithm(algorithm, search, variants, ints["seeds"], where)
+    _check_seeds(ints["seeds"], common, variants, search, where)
     config = data.get("config", "")
     if not isinstance(config, str):
         raise _fail(where, f"config {config!r}: expected a job config path")
@@ -142,6 +151,8 @@ def load_sweep(name_or_path: str, name: str | None = None) -> Sweep:
         concurrency=ints["concurrency"],
         samples=ints["samples"],
         seed=ints["seed"],
+        seeds=ints["seeds"],
+        algorithm=algorithm,
         max_failures=ints["max_failures"],
         set=common,
         variants=variants,
@@ -185,6 +196,7 @@ def _integers(data: dict[str, Any], asha: dict[str, Any], where: str) -> dict[st
     ints = {
         "concurrency": (data.get("concurrency", 0), 0),
         "samples": (data.get("samples", 1), 1),
+        "seeds": (data.get("seeds", 1), 1),
         "seed": (data.get("seed", 0), 0),
         "max_failures": (data.get("max_failures", 1), 0),
         "asha.grace_period": (asha.get("grace_period", 0), 0),
@@ -226,11 +238,17 @@ def _variant(value: Any, i: int, where: str) -> Variant:
     return Variant(name=name, set=sets, paper={k: float(v) for k, v in paper.items()})
 
 
-def _search(value: Any, where: str) -> dict[str, dict[str, list[Any]]]:
+def _search(value: Any, where: str) -> tuple[str, dict[str, dict[str, list[Any]]]]:
+    """(search.algorithm, {dotted.key: {kind: values}}), each checked."""
     if not isinstance(value, dict):
         raise _fail(where, "search: expected a mapping of dotted.key: {kind: values}")
+    algorithm = value.get("algorithm", "random")
+    if algorithm not in ALGORITHMS:
+        raise _fail(where, f"search.algorithm {algorithm!r}: expected one of {list(ALGORITHMS)}")
     out: dict[str, dict[str, list[Any]]] = {}
     for key, spec in value.items():
+        if key == "algorithm":
+            continue
         _overrides({key: 0}, f"{where} search")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
             raise _fail(where, f"search {key!r}: expected one of {{{', '.join(SEARCH_KINDS)}}}")
@@ -244,14 +262,48 @@ def _search(value: Any, where: str) -> dict[str, dict[str, list[Any]]]:
             if not ok or values[0] >= values[1] or (kind == "loguniform" and values[0] <= 0):
                 raise _fail(where, f"search {key!r}: {kind} needs [low, high] with 0 < low < high")
         out[key] = {kind: list(values)}
-    return out
+    return algorithm, out
+
+
+def _check_algorithm(
+    algorithm: str, search: dict, variants: tuple[Variant, ...], seeds: int, where: str
+) -> None:
+    """Optuna searches one space: no rows to compare, no grid, something to draw."""
+    grid = [k for k, spec in search.items() if "grid" in spec]
+    problem = (
+        (grid and f"search {grid[0]!r}: grid (use choice: Optuna draws every searched key)")
+        or (variants and "variants: Optuna searches one space (compare rows with random)")
+        or (seeds > 1 and f"seeds {seeds}: repeat rows with the random algorithm")
+        or (not search and "no searched key: add choice, uniform or loguniform keys")
+    )
+    if algorithm == "optuna" and problem:
+        raise _fail(where, f"{problem}; not with search.algorithm optuna")
+
+
+def _check_seeds(
+    seeds: int, common: dict, variants: tuple[Variant, ...], search: dict, where: str
+) -> None:
+    """`seeds: N` owns the job's `seed`: no row may set it too."""
+    if seeds == 1:
+        return
+    owners = [("set", common), ("search", search)] + [
+        (f"variants ({v.name}) set", v.set) for v in variants
+    ]
+    for label, keys in owners:
+        if "seed" in keys:
+            raise _fail(where, f"seeds {seeds} sets every trial's 'seed' (0..{seeds - 1}); "
+                        f"remove the key 'seed' from {label}")  # fmt: skip
 
 
 def expand(sweep: Sweep) -> list[Trial]:
-    """The sweep's trials, in order: variants x grid product x samples, sampled values drawn.
+    """The sweep's trials, in order: variants x grid product x samples, sampled values drawn,
+    then every one again for each further seed; with Optuna, `samples` slots of the common set.
 
-    Trial names are the variant's name when that alone is unique, else numbered.
+    Trial names are the variant's name when that alone is unique, else numbered; with seeds,
+    `-s<seed>` follows. Optuna's slots are `trial-000`, ... (its trial numbers).
     """
+    if sweep.algorithm == "optuna":
+        return [Trial(optuna_name(i), dict(sweep.set)) for i in range(sweep.samples)]
     rng = random.Random(sweep.seed)
     variants = sweep.variants or (Variant(name=""),)
     grid_keys = [k for k, s in sweep.search.items() if "grid" in s]
@@ -270,7 +322,21 @@ def expand(sweep: Sweep) -> list[Trial]:
     for i, (variant, overrides) in enumerate(rows):
         name = variant.name if not numbered else "-".join(filter(None, [variant.name, f"{i:03d}"]))
         trials.append(Trial(name, overrides, variant.name, dict(variant.paper)))
-    return trials
+    if sweep.seeds == 1:
+        return trials
+    # Seed-major: an interrupted sweep has every row once before any row twice.
+    return [
+        dataclasses.replace(
+            t, name=f"{t.name}-s{k}", overrides={**t.overrides, "seed": k}, group=t.name
+        )
+        for k in range(sweep.seeds)
+        for t in trials
+    ]
+
+
+def optuna_name(number: int) -> str:
+    """The name of the trial Optuna numbers `number`."""
+    return f"trial-{number:03d}"
 
 
 def _draw(spec: dict[str, list[Any]], rng: random.Random) -> Any:
@@ -373,9 +439,16 @@ def describe(sweep: Sweep, trials: list[Trial], base: dict[str, Any] | None = No
     """
     width = max(len(t.name) for t in trials)
     lines = [f"sweep {sweep.name!r}: {len(trials)} trial(s)"]
+    if sweep.algorithm == "optuna":
+        lines.append(f"Optuna's TPE draws the values of {trials[0].name} .. {trials[-1].name}:")
+        lines += [
+            f"  {k}: {kind} {_short(v)}" for k, s in sweep.search.items() for kind, v in s.items()
+        ]
+    if sweep.seeds > 1:
+        lines.append(f"every row runs {sweep.seeds} times: seed=0..{sweep.seeds - 1} (-s<seed>)")
     if sweep.set:
         lines.append("every trial: " + _format(sweep.set))
-    for t in trials:
+    for t in trials if sweep.algorithm != "optuna" else []:
         own = {k: v for k, v in t.overrides.items() if k not in sweep.set or sweep.set[k] != v}
         line = f"  {t.name:<{width}}  {_format(own) or '(base config)'}"
         lines.append(line + (f"  [paper: {_paper(t.paper)}]" if t.paper else ""))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from optuna.distributions import FloatDistribution
 
 from pipeline.cli import main
 from pipeline.tune.results import Row, best_row, status_of, to_csv, to_markdown, write_results
 from pipeline.tune.runner import check_record, concurrency, prepare, sweep_tracking_uri
+from pipeline.tune.search import optuna_space, searched_trial
 from pipeline.tune.sweep import asha_rungs, base_job, expand, load_sweep
 
 REPO = Path(__file__).resolve().parents[3]
@@ -112,9 +116,28 @@ def test_table5_is_start_and_fusion(tmp_path: Path) -> None:
     }  # fmt: skip
 
 
-def test_hparams_samples_within_the_space(tmp_path: Path) -> None:
+def test_hparams_is_an_optuna_search(tmp_path: Path) -> None:
     sweep = load_sweep("hparams")
-    assert sweep.scheduler == "asha" and sweep.metric == "segm_AP" and sweep.mode == "max"
+    assert sweep.algorithm == "optuna" and sweep.scheduler == "asha" and sweep.mode == "max"
+    trials = expand(sweep)
+    assert [t.name for t in trials] == [f"trial-{i:03d}" for i in range(16)]
+    space = optuna_space(sweep)
+    assert space["solver.base_lr"] == FloatDistribution(0.005, 0.04, log=True)
+    assert space["data.train_scales"].choices[0] == "[800]"  # lists travel as JSON text
+    # What the study draws decodes to the job's own values.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [study.ask(space).params for _ in range(8)]
+    decoded = [searched_trial(sweep, "trial-000", d).overrides for d in drawn]
+    assert all(isinstance(d["data.train_scales"], list) for d in decoded)
+    assert all(0.005 <= d["solver.base_lr"] <= 0.04 for d in decoded)
+    assert {d["model.roi.batch_size_per_image"] for d in decoded} <= {256, 512}
+    with pytest.raises(ValueError, match="not one of its choices"):
+        searched_trial(sweep, "trial-000", {**drawn[0], "data.train_scales": "[7]"})
+    jobs_of("hparams", tmp_path)  # every choice and both ends of every range are valid jobs
+
+
+def test_random_search_draws_the_same_space_up_front(tmp_path: Path) -> None:
+    sweep = dataclasses.replace(load_sweep("hparams"), algorithm="random")
     trials = expand(sweep)
     assert len(trials) == sweep.samples == 16
     lrs = [t.overrides["solver.base_lr"] for t in trials]
@@ -123,7 +146,23 @@ def test_hparams_samples_within_the_space(tmp_path: Path) -> None:
     assert {t.overrides["model.roi.batch_size_per_image"] for t in trials} == {256, 512}
     assert len({tuple(t.overrides["data.train_scales"]) for t in trials}) > 1
     assert expand(sweep) == trials  # the same seed draws the same trials
-    jobs_of("hparams", tmp_path)  # every sample is a valid job
+
+
+def test_seeds_repeat_every_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "s.yaml"
+    variants = [{"name": "a"}, {"name": "b", "set": {"model.bpa.enabled": False}}]
+    path.write_text(yaml.safe_dump({"seeds": 3, "variants": variants}))
+    trials = expand(load_sweep(str(path)))
+    assert [t.name for t in trials] == ["a-s0", "b-s0", "a-s1", "b-s1", "a-s2", "b-s2"]
+    assert [(t.group, t.overrides["seed"]) for t in trials[:4]] == [
+        ("a", 0), ("b", 0), ("a", 1), ("b", 1)
+    ]  # fmt: skip
+    assert all(t.overrides.get("model.bpa.enabled", True) is (t.group == "a") for t in trials)
+    assert main(["tune", "--sweep", str(path), "--config", str(TINY), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "every row runs 3 times: seed=0..2" in out and "b-s2  model.bpa.enabled=false seed=2" in out
+    )
 
 
 def test_grid_search_product_and_samples(tmp_path: Path) -> None:
@@ -199,6 +238,25 @@ def test_tune_help_lists_every_shipped_sweep(capsys: pytest.CaptureFixture) -> N
         ({"metric": "mAP"}, "metric"),
         ({"scheduler": "pbt"}, "scheduler"),
         ({"samplez": 2}, "samplez"),
+        ({"seeds": 0}, "seeds"),
+        ({"seeds": 2, "variants": [{"name": "a", "set": {"seed": 1}}]}, "remove the key 'seed'"),
+        ({"search": {"algorithm": "tpe"}}, "search.algorithm"),
+        ({"search": {"algorithm": "optuna"}}, "no searched key"),
+        (
+            {"search": {"algorithm": "optuna", "model.afp.fusion": {"grid": ["max", "sum"]}}},
+            "'model.afp.fusion': grid",
+        ),
+        (
+            {
+                "variants": [{"name": "a"}],
+                "search": {"algorithm": "optuna", "seed": {"choice": [0, 1]}},
+            },
+            "variants",
+        ),
+        (
+            {"search": {"algorithm": "optuna", "model.afp.fusion": {"choice": ["max", "avg"]}}},
+            "search 'model.afp.fusion' value 'avg'",
+        ),
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "twice"),
         ({"set": {"model.preset": "rbl"}}, "model.preset"),
         ({"scheduler": "asha", "set": {"eval.every_steps": 0}}, "eval.every_steps"),
@@ -303,10 +361,12 @@ def test_status_of() -> None:
     assert status_of(False, True, 4, 6) == "early-stopped"
 
 
-def test_demo_sweep_is_three_tiny_trials(tmp_path: Path) -> None:
+def test_demo_sweep_is_three_tiny_rows_over_two_seeds(tmp_path: Path) -> None:
     jobs = jobs_of("demo", tmp_path)
-    assert list(jobs) == ["tiny", "tiny-noBPA", "tiny-noAFP"]
+    rows = ["tiny", "tiny-noBPA", "tiny-noAFP"]
+    assert list(jobs) == [f"{r}-s{k}" for k in (0, 1) for r in rows]
     assert {j["model_preset"] for j in jobs.values()} == {"tiny"}
     assert {j["scaling.num_workers"] for j in jobs.values()} == {2}
-    assert changed(jobs["tiny"], jobs["tiny-noBPA"]) == {"model.bpa.enabled"}
-    assert changed(jobs["tiny"], jobs["tiny-noAFP"]) == {"model.afp.enabled"}
+    assert changed(jobs["tiny-s0"], jobs["tiny-noBPA-s0"]) == {"model.bpa.enabled"}
+    assert changed(jobs["tiny-s0"], jobs["tiny-noAFP-s0"]) == {"model.afp.enabled"}
+    assert changed(jobs["tiny-s0"], jobs["tiny-s1"]) == {"seed"}

@@ -21,10 +21,13 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from pipeline.ray_session import start_local
 from pipeline.tune.runner import prepare, run_sweep
@@ -271,4 +274,80 @@ def test_interrupted_sweep_restores(
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert "sweep.early_stopped" not in kids["second"].data.tags  # interrupted, not stopped
     assert client.get_run(parent).info.status == "FINISHED"
+    assert live_placement_groups(before=groups) == []
+
+
+def test_optuna_sweep_interrupted_and_resumed(
+    shards: dict, cluster: str, server: str, tmp_path: Path
+) -> None:
+    """Optuna draws each trial's values (a list-valued choice included); the sweep, interrupted in
+    its second trial, resumes it with the same values, and the study beside the results holds
+    both trials with the scores MLflow has. The parent run carries the search picture."""
+    path = sweep_file(
+        tmp_path / "opt.yaml",
+        name="opt",
+        samples=2,
+        concurrency=1,
+        search={
+            "algorithm": "optuna",
+            "solver.base_lr": {"loguniform": [0.001, 0.005]},
+            "data.train_scales": {"choice": [[128], [128, 160]]},
+        },
+    )
+    storage = tmp_path / "runs"
+    args = ["tune", "--sweep", str(path), "--config", str(CONFIG)]
+    sets = {**base_sets(shards, storage, server), "solver.max_steps": 4}
+    for key, value in sets.items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sweep_dir = storage / "sweeps" / "opt"
+
+    log1 = tmp_path / "first.log"
+    groups = frozenset(live_placement_groups(timeout=0))
+    proc = run_cli(args, env, log1)
+    second = sweep_dir / "trials" / "trial-001"
+    wait_for(
+        "trial-001's first checkpoint", lambda: any(second.glob("step-*/state.pt")), proc, log1
+    )
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=300)
+    assert not (second / "step-00000004").exists(), "interrupted too late"
+    assert "the sweep was interrupted" in log1.read_text()
+
+    log2 = tmp_path / "second.log"
+    proc = run_cli(args, env, log2)
+    assert proc.wait(timeout=1800) == 0, log2.read_text()[-4000:]
+    text = log2.read_text()
+    assert "resumed from the checkpoint at step 2" in text, text[-4000:]
+
+    journal = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    study = optuna.load_study(study_name="opt", storage=journal)
+    done = {t.number: t for t in study.trials}
+    assert sorted(done) == [0, 1] and all(t.state.name == "COMPLETE" for t in done.values())
+    client = MlflowClient(server)
+    parent = json.loads((sweep_dir / "sweep_run.json").read_text())["run_id"]
+    kids = children(client, parent)
+    assert set(kids) == {"trial-000", "trial-001"}
+    for number, trial in done.items():
+        run = kids[f"trial-{number:03d}"]
+        assert run.info.status == "FINISHED"
+        # The searched keys are the child's params (MLflow's compare view), as Optuna drew them.
+        assert float(run.data.params["solver.base_lr"]) == pytest.approx(
+            trial.params["solver.base_lr"], rel=1e-9
+        )
+        assert json.loads(run.data.params["data.train_scales"]) == json.loads(
+            trial.params["data.train_scales"]
+        )
+        assert trial.value == pytest.approx(run.data.metrics["segm/AP"], abs=1e-9)
+    resumed = client.get_metric_history(kids["trial-001"].info.run_id, "segm/AP")
+    assert sorted(m.step for m in resumed) == [2, 4]
+    params = client.get_run(parent).data.params
+    assert params["sweep.algorithm"] == "optuna"
+    assert params["sweep.searched_keys"] == json.dumps(["data.train_scales", "solver.base_lr"])
+    artifacts = {a.path for a in client.list_artifacts(parent, "results")}
+    assert "results/search.png" in artifacts
+    assert {a.path for a in client.list_artifacts(parent, "optuna")} == {"optuna/optuna.journal"}
+    table = (sweep_dir / "results" / "results.md").read_text()
+    assert "| trial-001 |" in table and "finished" in table.split("| trial-001 |")[1]
     assert live_placement_groups(before=groups) == []
