@@ -48,18 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "model.test.scales, .max_size, .flip, .box_vote, .mask_vote)",
     )
     p.add_argument("--no-pictures", action="store_true", help="do not draw the pictures")
-    p.add_argument("--tracking-uri", help="MLflow store of a models:/ or runs:/ URI")
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="load an MLflow model that holds only a pickled module (one not logged by `panet "
-        "train`): unpickling runs any code in it, so only for a model you trust",
-    )
-    p.add_argument(
-        "--register",
-        metavar="NAME",
-        help="register the MLflow --model as a new version of registered model NAME",
-    )
+    _add_mlflow_arguments(p)
     ray = p.add_argument_group("batch inference on Ray Data")
     ray.add_argument("--ray", action="store_true", help="run on Ray Data with model replicas")
     ray.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
@@ -81,6 +70,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "0.5 puts two replicas on one GPU)",
     )
     p.set_defaults(func=cmd_predict)
+
+
+def _add_mlflow_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of an MLflow --model."""
+    p.add_argument("--tracking-uri", help="MLflow store of a models:/ or runs:/ URI")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load an MLflow model that holds only a pickled module (one not logged by `panet "
+        "train`): unpickling runs any code in it, so only for a model you trust",
+    )
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the MLflow --model as a new version of registered model NAME",
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -122,6 +122,7 @@ def _final_model(client: Any, run_id: str) -> str | None:
 
 def _champion(client: Any, name: str) -> Any:
     """The champion version of `name`, None if the model or its alias does not exist."""
+    # deferred: `panet --help` imports this package (via submit); mlflow only when used
     from mlflow.exceptions import MlflowException
 
     try:

@@ -100,10 +100,9 @@ def log_model(
     Saved in MLflow's "pickle" format (the whole module; its class must be importable where it
     is loaded, or shipped with `code_paths`): the default "pt2" format needs torch.export,
     which cannot trace a detector taking a list of images of varying size. Its state dict goes
-    beside it (`WEIGHTS_PATH`), for `load_weights`. The model is moved
-    to the CPU and eval mode for saving (so it loads on a machine without a GPU), then put back.
-    In MLflow 3 the model is a LoggedModel of the run's experiment, linked to the run and to the
-    run's metrics at `step`.
+    beside it (`WEIGHTS_PATH`), for `load_weights`. Saved on the CPU in eval mode (it loads
+    on a machine without a GPU), then put back. In MLflow 3 the model is a LoggedModel of the
+    run's experiment, linked to the run and to the run's metrics at `step`.
 
     Args:
         tracking_uri: the run's store.
@@ -120,16 +119,13 @@ def log_model(
         The model URI, `models:/<model_id>`: `mlflow.pytorch.load_model(uri)` loads it.
     """
     import mlflow.pytorch
-    import torch
 
     model_id = _create_logged_model(tracking_uri, run_id, name)
     with (
         _on_cpu_for_eval(model),
-        tempfile.TemporaryDirectory() as tmp,
+        _state_dict_file(model) as weights,
         _global_tracking_uri(tracking_uri),
     ):
-        weights = Path(tmp) / WEIGHTS_FILE
-        torch.save(model.state_dict(), weights)
         info = mlflow.pytorch.log_model(
             model,
             name=name,
@@ -178,6 +174,17 @@ def _on_cpu_for_eval(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.to(device).train(was_training)
+
+
+@contextmanager
+def _state_dict_file(model: nn.Module) -> Iterator[Path]:
+    """The model's state dict saved in a temporary `WEIGHTS_FILE`, for a block."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS_FILE
+        torch.save(model.state_dict(), path)
+        yield path
 
 
 def load_weights(tracking_uri: str, model_uri: str) -> dict[str, Any] | None:
