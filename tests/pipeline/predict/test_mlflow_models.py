@@ -126,11 +126,13 @@ def test_a_weights_file_that_runs_code_is_refused_even_with_allow_pickle(
     weights = tmp_path / tracking.WEIGHTS_PATH.split("/")[-1]
     torch.save({"w": RunsCodeWhenUnpickled(marker)}, weights)
     uri = foreign_model(store, nn.Linear(2, 2), tmp_path, extra_files=[str(weights)])
-    args = predict_args(uri, photo, tmp_path / "out", "--tracking-uri", store, "--allow-pickle")
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert f"MLflow model {uri!r}: its weights file {tracking.WEIGHTS_PATH} cannot be read" in err
-    assert not marker.exists(), "the weights file ran code"
+    local = str(tmp_path / "foreign_model")  # the model directory itself, no store
+    for model in (local, uri):
+        args = predict_args(model, photo, tmp_path / "out", "--allow-pickle")
+        assert main([*args, "--tracking-uri", store] if model == uri else args) == 2
+        err = capsys.readouterr().err
+        assert f"model {model!r}: its weights file {tracking.WEIGHTS_PATH} cannot be read" in err
+        assert not marker.exists(), "the weights file ran code"
 
 
 def test_allow_pickle_loads_a_trusted_foreign_model(
