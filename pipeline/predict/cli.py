@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="checkpoint directory (or its state.pt), MLflow model URI (models:/..., runs:/...) "
-        "or local MLflow model directory",
+        help="checkpoint directory (or its state.pt), MLflow model URI (models:/<name>@champion, "
+        "models:/<name>/<version>, runs:/<run id>/model) or local MLflow model directory",
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders, shard dirs")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
@@ -46,12 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "model.test.scales, .max_size, .flip, .box_vote, .mask_vote)",
     )
     p.add_argument("--no-pictures", action="store_true", help="do not draw the pictures")
-    p.add_argument("--tracking-uri", help="MLflow store of a models:/ or runs:/ URI")
-    p.add_argument(
-        "--register",
-        metavar="NAME",
-        help="register the MLflow --model as a new version of registered model NAME",
-    )
+    _add_mlflow_arguments(p)
     ray = p.add_argument_group("batch inference on Ray Data")
     ray.add_argument("--ray", action="store_true", help="run on Ray Data with model replicas")
     ray.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
@@ -73,6 +68,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "0.5 puts two replicas on one GPU)",
     )
     p.set_defaults(func=cmd_predict)
+
+
+def _add_mlflow_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of an MLflow --model."""
+    p.add_argument("--tracking-uri", help="MLflow store of a models:/ or runs:/ URI")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load an MLflow model that holds only a pickled module (one not logged by `panet "
+        "train`): unpickling runs any code in it, so only for a model you trust",
+    )
+    p.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the MLflow --model as a new version of registered model NAME",
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -111,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         "overrides": parse_set(args.set),
         "score_threshold": args.score_threshold,
         "max_detections": args.max_detections,
+        "allow_pickle": args.allow_pickle,
     }
     # Loaded here also with --ray: a bad model fails now, and images.json needs the classes. On
     # the CPU: the replicas predict, and a cluster's driver runs on its head, which has no GPU.

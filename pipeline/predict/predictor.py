@@ -1,22 +1,23 @@
 """A trained model ready to predict: loaded from a checkpoint or from MLflow, with class names.
 
 `load_predictor` accepts a training checkpoint (its directory or `state.pt`), an MLflow model
-URI (`models:/<id>`, `models:/<name>/<version>`, `runs:/<run id>/model`) or a local MLflow model
-directory. Either way the model is rebuilt from its config (with `--set model.*` overrides, e.g.
-the test-time tricks) and its weights are loaded strictly, so both give the same predictions.
+URI (`models:/<id>`, `models:/<name>/<version>`, `models:/<name>@<alias>`, `runs:/<run id>/model`)
+or a local MLflow model directory. Either way the model is rebuilt from its config (with
+`--set model.*` overrides, e.g. the test-time tricks) and its weights are loaded strictly, so both
+give the same predictions. Weights are read with `weights_only=True` (no code runs from a file);
+an MLflow model that has only a pickled module is unpickled only with `allow_pickle`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow.pytorch
 import numpy as np
 import torch
-from mlflow.models import Model
 from torch import nn
 
 from panet_model import build_panet
@@ -26,6 +27,7 @@ from pipeline.state_file import load_state
 from pipeline.state_file import model_config as checkpoint_config
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
+ALLOW_PICKLE_FLAG = "--allow-pickle"  # unpickles an MLflow model that has no weights file
 
 
 @dataclass
@@ -146,6 +148,7 @@ def load_predictor(
     overrides: dict[str, Any] | None = None,
     score_threshold: float = 0.5,
     max_detections: int = 100,
+    allow_pickle: bool = False,
 ) -> Predictor:
     """Load a model for prediction.
 
@@ -159,6 +162,8 @@ def load_predictor(
             `{"model.test.flip": True}`; keys must start with "model.".
         score_threshold: detections below this score are dropped.
         max_detections: at most this many detections per image (the best).
+        allow_pickle: unpickle an MLflow model that has no weights file (logged by other code
+            than `panet train`); unpickling runs any code the file carries.
 
     Returns:
         A `Predictor` with the model in eval mode on `device`.
@@ -172,7 +177,7 @@ def load_predictor(
         raise ValueError(f"--max-detections {max_detections}: expected >= 1")
     dev = resolve_device(device)
     if is_mlflow_model(source):
-        state, model_config, categories = _from_mlflow(source, tracking_uri)
+        state, model_config, categories = _from_mlflow(source, tracking_uri, allow_pickle)
     else:
         state, model_config, categories = _from_checkpoint(source)
     cfg = _config(model_config, overrides or {}, max_detections)
@@ -201,23 +206,35 @@ def _from_checkpoint(source: str) -> tuple[dict, dict[str, Any], dict[int, str]]
 
 
 def _from_mlflow(
-    source: str, tracking_uri: str | None
+    source: str, tracking_uri: str | None, allow_pickle: bool
 ) -> tuple[dict, dict[str, Any], dict[int, str]]:
     uri = tracking_uri_for(source, tracking_uri)
-    try:
-        if source.startswith(MLFLOW_SCHEMES):
-            metadata = tracking.model_metadata(uri, source)
-            logged = tracking.load_model(uri, source)
-        else:  # a local model directory: no store involved
-            metadata = Model.load(source).metadata or {}
-            logged = mlflow.pytorch.load_model(source, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - MLflow raises many types; re-raised with the URI
-        raise ValueError(f"cannot load MLflow model {source!r} from {uri!r}: {err}") from err
-    card = metadata.get("panet")
+    card = _load_mlflow(source, uri, lambda: tracking.model_metadata(uri, source)).get("panet")
     if not isinstance(card, dict) or "categories" not in card or "model_config" not in card:
         raise ValueError(
             f"MLflow model {source!r} carries no PANet metadata (categories, model_config): "
             "log it with `panet train`, or predict from its checkpoint directory"
         )
+    state = _load_mlflow(source, uri, lambda: tracking.load_weights(uri, source))
+    if state is None:
+        if not allow_pickle:
+            raise ValueError(
+                f"MLflow model {source!r} holds no weights file ({tracking.WEIGHTS_PATH}), only "
+                "a pickled module, and unpickling runs whatever code its author put in it: if "
+                f"you trust where it comes from, load it with {ALLOW_PICKLE_FLAG}"
+            )
+        module = _load_mlflow(source, uri, lambda: tracking.load_pickled_model(uri, source))
+        state = module.state_dict()
     categories = {int(c["id"]): str(c["name"]) for c in card["categories"]}
-    return logged.state_dict(), dict(card["model_config"]), categories
+    return state, dict(card["model_config"]), categories
+
+
+def _load_mlflow(source: str, uri: str, read: Callable[[], Any]) -> Any:
+    """`read()`, with MLflow's errors re-raised as a ValueError naming the model and store."""
+    try:
+        return read()
+    except ValueError:
+        raise  # ours: it names the model
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; re-raised with the URI
+        where = f" from {uri!r}" if uri else ""
+        raise ValueError(f"cannot load MLflow model {source!r}{where}: {err}") from err

@@ -1,4 +1,5 @@
-"""MLflow: where runs go (store), one run per job (runs), artifacts, models; pictures and samples.
+"""MLflow: where runs go (store), one run per job (runs), artifacts, models and the champion;
+pictures and samples.
 
 Callers use the package, `from pipeline import tracking`, then `tracking.log_metrics(...)`: the
 names below are its public interface, whichever module holds them. Importing it is cheap (MLflow
@@ -7,9 +8,12 @@ name where they are needed.
 """
 
 from pipeline.tracking.artifacts import log_artifact_file, log_dict, log_figure, log_image
+from pipeline.tracking.champion import CHAMPION, Promotion, promote_champion
 from pipeline.tracking.metrics import MAX_PARAM_VALUE_LENGTH, log_metrics, log_params
 from pipeline.tracking.models import (
-    load_model,
+    WEIGHTS_PATH,
+    load_pickled_model,
+    load_weights,
     log_model,
     model_metadata,
     model_pip_requirements,
@@ -35,14 +39,18 @@ from pipeline.tracking.store import (
 )
 
 __all__ = [
+    "CHAMPION",
     "MAX_PARAM_VALUE_LENGTH",
+    "Promotion",
+    "WEIGHTS_PATH",
     "TrackingUnavailableError",
     "child_runs",
     "default_artifact_location",
     "delete_tags",
     "finish_run",
     "git_commit",
-    "load_model",
+    "load_pickled_model",
+    "load_weights",
     "log_artifact_file",
     "log_dataset_inputs",
     "log_dict",
@@ -54,6 +62,7 @@ __all__ = [
     "model_metadata",
     "model_pip_requirements",
     "open_run",
+    "promote_champion",
     "register_model",
     "resolve_tracking_uri",
     "run_page_url",

@@ -416,7 +416,8 @@ def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None
 
 
 def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
-    """Results to the sweep directory and the parent run; the best trial marked."""
+    """Results to the sweep directory and the parent run; the best trial marked, its model
+    promoted to the sweep's champion (`tracking.promote_champion`) if it beats it."""
     uri = p.tracking_uri
     reconcile_children(p, parent_run_id, rows)
     title = f"sweep {p.sweep.name}: COCO AP per trial" + (
@@ -431,7 +432,7 @@ def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
         tracking.log_artifact_file(uri, parent_run_id, p.sweep_dir / STUDY_FILE, "optuna")
     counts = {s: sum(r.status == s for r in rows) for s in ("finished", "early-stopped", "failed")}
     tracking.log_metrics(uri, parent_run_id, {f"trials_{k}": v for k, v in counts.items()}, 0)
-    best = best_row(rows, p.sweep.mode)
+    best, best_run = best_row(rows, p.sweep.mode), ""
     if best is not None:
         tracking.log_params(uri, parent_run_id, {"best.trial": best.trial})
         tracking.log_params(uri, parent_run_id, {f"best.{k}": v for k, v in best.overrides.items()})
@@ -441,17 +442,30 @@ def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
         for run in tracking.child_runs(uri, parent_run_id):
             if run.data.tags.get(TRIAL_TAG) == best.trial:
                 tracking.set_tags(uri, run.info.run_id, {"sweep.best": "true"})
+                best_run = run.info.run_id
         tracking.set_tags(uri, parent_run_id, {"sweep.best_trial": best.trial})
     unfinished = any(r.status == "unfinished" for r in rows)
+    champion = None  # the best trial's model, registered as the sweep's champion if it wins
+    if best is not None and best_run and not unfinished:
+        s = p.sweep
+        champion = tracking.promote_champion(uri, s.name, best_run, s.metric, s.mode, best.metric)
+        print(f"[tune] {champion.message}", flush=True)
     tracking.finish_run(uri, parent_run_id, "KILLED" if unfinished else "FINISHED")
-    return {"rows": rows, "best": best, "paths": paths, "unfinished": unfinished}
+    return {
+        "rows": rows,
+        "best": best,
+        "paths": paths,
+        "unfinished": unfinished,
+        "champion": champion,
+    }
 
 
 def run_sweep(p: Prepared) -> dict[str, Any]:
     """Check, connect, open the parent run, run (or restore) the Tuner, report.
 
     Returns:
-        {"rows", "best", "paths", "unfinished", "tracking_uri", "parent_run_id",
+        {"rows", "best", "paths", "unfinished", "champion" (a `tracking.Promotion`, None if
+        no trial finished or the sweep is unfinished), "tracking_uri", "parent_run_id",
         "sweep_dir", "elapsed_s"}.
     """
     t0 = time.perf_counter()

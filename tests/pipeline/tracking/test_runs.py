@@ -201,8 +201,12 @@ def test_log_model_loads_back(uri: str, monkeypatch: pytest.MonkeyPatch) -> None
     x = torch.randn(5, 3)
     model.eval()
     for ref in (model_uri, f"runs:/{run_id}/model", "models:/tiny-linear/1"):
-        loaded = tracking.load_model(uri, ref)
+        loaded = tracking.load_pickled_model(uri, ref)
         assert torch.equal(loaded(x), model(x)), ref
+        weights = tracking.load_weights(uri, ref)  # the same, without unpickling
+        assert weights is not None and weights.keys() == model.state_dict().keys(), ref
+        for key, value in model.state_dict().items():
+            assert torch.equal(weights[key], value), (ref, key)
     client = MlflowClient(uri)
     logged = client.get_logged_model(model_uri.removeprefix("models:/"))
     run = client.get_run(run_id)
@@ -402,7 +406,7 @@ def test_log_panet_tiny_loads_back(local_uri: str) -> None:
     uri = local_uri
     run_id = tracking.start_or_resume_run(uri, "panet", "tiny", None)
     model_uri = tracking.log_model(uri, run_id, model)
-    loaded = tracking.load_model(uri, model_uri)
+    loaded = tracking.load_pickled_model(uri, model_uri)
     images = [torch.rand(3, 64, 80)]
     with torch.no_grad():
         want, got = model(images)[0], loaded(images)[0]

@@ -175,6 +175,7 @@ def test_asha_sweep_nested_in_mlflow(
     assert "sweep.early_stopped" not in kids["good"].data.tags
     assert parent.data.params["best.trial"] == "good"
     assert kids["good"].data.tags["sweep.best"] == "true"
+    assert result["champion"].outcome == "skipped"  # tracking.log_model is off: no model
     assert "sweep.best" not in kids["poor"].data.tags
 
     # The parent holds the table and the chart, with the trials' numbers.
@@ -226,7 +227,8 @@ def test_interrupted_sweep_restores(
     )
     storage = tmp_path / "runs"
     args = ["tune", "--sweep", str(path), "--config", str(CONFIG)]
-    for key, value in base_sets(shards, storage, server).items():
+    sets = {**base_sets(shards, storage, server), "tracking.log_model": True}  # a champion
+    for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
     env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
     env.pop("RAY_API_SERVER_ADDRESS", None)  # the driver finds it from the cluster's address
@@ -262,6 +264,8 @@ def test_interrupted_sweep_restores(
     assert "resumed from the checkpoint at step 6" not in text  # the first trial is not rerun
     assert "| first |" in text and "| second |" in text
     assert "View experiment at" not in log1.read_text() + text  # MLflow's own links, off
+    assert "@champion" not in log1.read_text()  # an interrupted sweep promotes nothing
+    assert "[tune] registered v1 as two@champion (segm_AP " in text
 
     client = MlflowClient(server)
     parent = json.loads((storage / "sweeps" / "two" / "sweep_run.json").read_text())["run_id"]
@@ -274,6 +278,13 @@ def test_interrupted_sweep_restores(
     assert all(r.info.status == "FINISHED" for r in kids.values())
     assert "sweep.early_stopped" not in kids["second"].data.tags  # interrupted, not stopped
     assert client.get_run(parent).info.status == "FINISHED"
+    best = kids[client.get_run(parent).data.params["best.trial"]]
+    champion = MlflowClient(server, registry_uri=server).get_model_version_by_alias(
+        "two", "champion"
+    )
+    assert champion.run_id == best.info.run_id
+    held = float(champion.tags["panet.metric_value"])
+    assert held == pytest.approx(best.data.metrics["segm/AP"], abs=1e-6)
     assert live_placement_groups(before=groups) == []
 
 
