@@ -15,6 +15,8 @@ from pipeline.tracking.models import (
     model_pip_requirements,
     register_model,
 )
+from pipeline.tracking.outbox import Settings as OutboxSettings
+from pipeline.tracking.outbox import close_outbox, open_outbox
 from pipeline.tracking.runs import (
     child_runs,
     delete_tags,
@@ -36,8 +38,10 @@ from pipeline.tracking.store import (
 
 __all__ = [
     "MAX_PARAM_VALUE_LENGTH",
+    "OutboxSettings",
     "TrackingUnavailableError",
     "child_runs",
+    "close_outbox",
     "default_artifact_location",
     "delete_tags",
     "finish_run",
@@ -53,6 +57,7 @@ __all__ = [
     "log_params",
     "model_metadata",
     "model_pip_requirements",
+    "open_outbox",
     "open_run",
     "register_model",
     "resolve_tracking_uri",
