@@ -68,8 +68,11 @@ def log_params(tracking_uri: str, run_id: str, flat_params: Mapping[str, Any]) -
     return deliver_params(tracking_uri, run_id, wanted)
 
 
-def deliver_params(tracking_uri: str, run_id: str, wanted: dict[str, str]) -> dict[str, str]:
-    """`log_params`'s delivery of names and values already in MLflow's form."""
+def deliver_params(
+    tracking_uri: str, run_id: str, wanted: dict[str, str], warn: bool = True
+) -> dict[str, str]:
+    """`log_params`'s delivery of names and values already in MLflow's form; `warn`: warn of
+    changed values (an outbox's sender does not: the job has said so when it started)."""
     # deferred: `panet --help` imports this module (via submit); mlflow only when logging
     from mlflow.entities import Param, RunTag
 
@@ -81,7 +84,7 @@ def deliver_params(tracking_uri: str, run_id: str, wanted: dict[str, str]) -> di
         RunTag(mlflow_name(f"param_changed.{k}"), clip(v, MAX_TAG_VALUE_LENGTH))
         for k, v in changed.items()
     ]
-    if changed:
+    if changed and warn:
         warnings.warn(
             f"params already logged with other values (kept, new values in "
             f"param_changed.* tags): {sorted(changed)}",
@@ -125,13 +128,11 @@ def log_metrics(
 ) -> int:
     """Log metrics at a step, in batches of 1000. Never raises.
 
-    Names are sanitised to MLflow's characters (`bbox/AP` stays: "/" groups charts in the UI).
-    NaN is stored as NaN; +-inf is stored by MLflow's SQL stores as +-1.8e308. Values that are
-    not numbers are skipped with a warning.
-
-    A batch that still fails after its retries is dropped with a warning; the store is then
-    taken as offline for `offline_cooldown` seconds, in which batches are dropped at once instead
-    of stalling every training step on retries; the first call after that tries again.
+    Names are sanitised to MLflow's characters (`bbox/AP` stays: "/" groups charts in the UI);
+    NaN is stored as NaN, +-inf as +-1.8e308 (SQL stores); a value that is not a number is
+    skipped with a warning. With an outbox open for the run the values go to its journal. Else a
+    batch that still fails after its retries is dropped with a warning and the store is taken as
+    offline for `offline_cooldown` seconds (batches dropped at once: no step stalls on retries).
 
     Args:
         tracking_uri: the run's store.

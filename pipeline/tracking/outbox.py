@@ -91,7 +91,7 @@ def send(root: Path, header: dict[str, Any], record: dict[str, Any]) -> None:
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
     elif kind == "params":
-        deliver_params(uri, run_id, record["params"])
+        deliver_params(uri, run_id, record["params"], warn=False)
     elif kind == "tags":
         tags = [RunTag(k, v) for k, v in record["tags"].items()]
         for start in range(0, len(tags), MAX_PARAMS_PER_BATCH):
@@ -148,14 +148,24 @@ def _send_or_reject(j: Journal, record: dict[str, Any]) -> None:
         )
 
 
-def deliver_pass(root: Path, own: Journal | None, adopt: bool) -> bool:
+def deliver_pass(
+    root: Path, own: Journal | None, adopt: bool, known: dict[str, Journal] | None = None
+) -> bool:
     """One pass over an outbox, oldest journal first: `own`, and with `adopt` every journal no
     living process holds. True when nothing this process may deliver is left.
+
+    Args:
+        known: the journals read by earlier passes, by name (read on from where they stopped).
 
     Raises:
         Exception: MLflow's, on a network error or a 5xx answer (try again later).
     """
-    every = [own if own is not None and j.name == own.name else j for j in journals.journals(root)]
+    known = {} if known is None else known
+    if own is not None:
+        known[own.name] = own
+    for j in journals.journals(root):
+        known.setdefault(j.name, j)
+    every = [known[name] for name in sorted(known)]
     for j in every:
         j.read()
     taken = [j for j in every if j is not own and adopt and j.try_lock()]
@@ -185,6 +195,7 @@ class Outbox:
         self.failing_since: float | None = None  # monotonic time of the first failed try
         self.last_error = ""
         self._wake, self._halt, self._closing = threading.Event(), threading.Event(), False
+        self._known: dict[str, Journal] = {}  # the journals of the outbox, read so far
         self._thread = threading.Thread(target=self._send, name="mlflow-outbox", daemon=True)
         journals.register(tracking_uri, run_id, self)
         self._thread.start()
@@ -197,7 +208,7 @@ class Outbox:
         delay = 0.5
         while not self._halt.is_set():
             try:
-                idle = deliver_pass(self.root, self.journal, self.adopt)
+                idle = deliver_pass(self.root, self.journal, self.adopt, self._known)
             except Exception as err:  # noqa: BLE001 - network or server: keep, try again
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
@@ -216,7 +227,7 @@ class Outbox:
             self.failing_since, delay = None, 0.5
             if idle and self._closing:
                 return
-            self._wake.wait(1.0 if idle else 0.1)
+            self._wake.wait(1.0 if idle else 0.5)
             self._wake.clear()
 
     def close(self, wait_s: float | None = None, give_up_when_down: bool = False) -> str | None:
@@ -264,17 +275,21 @@ def undelivered_message(root: Path, error: str = "") -> str | None:
     for (uri, run_id), c in sorted(left.items()):
         status = [k.split()[1] for k in c if k.startswith("status ")]
         parts = [
-            f"{c['metrics']} metric batches ({c['metric values']} values)",
-            f"{c['params']} params batches",
-            f"{c['tags']} tag batches",
-            f"{c['artifact']} artifacts",
-            f"the run's end ({status[0]})" if status else "no run end",
+            f"{_count(c['metrics'], 'metric batch', 'es')} ({_count(c['metric values'], 'value')})",
+            _count(c["params"], "params batch", "es"),
+            _count(c["tags"], "tag batch", "es"),
+            _count(c["artifact"], "artifact"),
+            f"the run's end ({status[0]})" if status else "not the run's end",
         ]
         lines.append(f"  run {run_id} on {uri}: {', '.join(parts)}")
     lines.append(f"They are kept in {root}. Deliver them when the server is back with:")
     lines.append(f"  panet tracking sync {root}")
     lines.append("(re-running the same job also delivers them first).")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    return f"{n} {noun}{'' if n == 1 else plural}"
 
 
 def sync(root: Path, timeout_s: float, retry_max_s: float = 10.0) -> str | None:
@@ -291,9 +306,10 @@ def sync(root: Path, timeout_s: float, retry_max_s: float = 10.0) -> str | None:
     for key, value in HTTP_ENV.items():
         os.environ.setdefault(key, value)
     deadline, delay, error = time.monotonic() + timeout_s, 0.5, ""
+    known: dict[str, Journal] = {}
     while True:
         try:
-            if deliver_pass(root, None, adopt=True):
+            if deliver_pass(root, None, adopt=True, known=known):
                 return undelivered_message(root)
         except Exception as err:  # noqa: BLE001 - network or server: try again
             error = f"{type(err).__name__}: {short_error(err)}"

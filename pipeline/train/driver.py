@@ -266,17 +266,19 @@ def fit_run(trainer: Any, tracking_uri: str, run_id: str, results: Any) -> Any:
         result = trainer.fit()
         take_answer(results)
     except BaseException:
-        tracking.finish_run(tracking_uri, run_id, "FAILED" if not _interrupted() else "KILLED")
-        _close_outbox(tracking_uri, run_id)
+        interrupted = _interrupted()
+        tracking.finish_run(tracking_uri, run_id, "KILLED" if interrupted else "FAILED")
+        # Interrupted: no waiting for a server that is down (what is left is reported).
+        _close_outbox(tracking_uri, run_id, give_up_when_down=interrupted)
         raise
     tracking.finish_run(tracking_uri, run_id, "FINISHED")
     _close_outbox(tracking_uri, run_id)
     return result
 
 
-def _close_outbox(tracking_uri: str, run_id: str) -> None:
+def _close_outbox(tracking_uri: str, run_id: str, give_up_when_down: bool = False) -> None:
     """Deliver the job's remaining MLflow records (a bounded wait); say what is left, and where."""
-    left = tracking.close_outbox(tracking_uri, run_id)
+    left = tracking.close_outbox(tracking_uri, run_id, give_up_when_down=give_up_when_down)
     if left:
         print(left, flush=True)
 
