@@ -18,6 +18,7 @@ from an older driver is skipped when a newer driver reopened the run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -51,11 +52,13 @@ class Settings:
 
 def outbox_dir(run_dir: Any) -> Path:
     """A job's or sweep's outbox: `<run_dir>/mlflow-outbox` when that is a local path, else
-    (object storage) `~/.cache/panet/mlflow-outbox/<run_dir's name>` on this node."""
+    (object storage) `~/.cache/panet/mlflow-outbox/<run_dir's name>-<hash of its URI>` on this
+    node."""
     if isinstance(run_dir, Path):
         return run_dir / OUTBOX
-    name = str(run_dir).rstrip("/").rsplit("/", 1)[-1]
-    return Path.home() / ".cache" / "panet" / OUTBOX / name
+    uri = str(run_dir).rstrip("/")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "panet" / OUTBOX / f"{uri.rsplit('/', 1)[-1]}-{digest}"
 
 
 def open_outbox(
@@ -148,17 +151,26 @@ def _send_or_reject(j: Journal, record: dict[str, Any]) -> None:
         )
 
 
+class DeliveryError(Exception):
+    """A tracking server did not take a record (network error or 5xx): try again later."""
+
+    def __init__(self, tracking_uri: str, err: Exception) -> None:
+        super().__init__(f"{tracking_uri}: {type(err).__name__}: {short_error(err, 200)}")
+        self.tracking_uri = tracking_uri
+
+
 def deliver_pass(
     root: Path, own: Journal | None, adopt: bool, known: dict[str, Journal] | None = None
 ) -> bool:
     """One pass over an outbox, oldest journal first: `own`, and with `adopt` every journal no
-    living process holds. True when nothing this process may deliver is left.
+    living process holds. True when nothing this process may deliver is left. A server that
+    does not answer holds up only the journals addressed to it.
 
     Args:
         known: the journals read by earlier passes, by name (read on from where they stopped).
 
     Raises:
-        Exception: MLflow's, on a network error or a 5xx answer (try again later).
+        DeliveryError: a server did not take a record (after the others were tried).
     """
     known = {} if known is None else known
     if own is not None:
@@ -169,11 +181,19 @@ def deliver_pass(
     for j in every:
         j.read()
     taken = [j for j in every if j is not own and adopt and j.try_lock()]
+    failed: dict[str, Exception] = {}
     try:
         idle = True
         for j in every:
-            if j is own or j in taken:
-                idle = _deliver_journal(j, every) and idle
+            uri = j.header["tracking_uri"]
+            if (j is own or j in taken) and uri not in failed:
+                try:
+                    idle = _deliver_journal(j, every) and idle
+                except Exception as err:  # noqa: BLE001 - not a client error: try again later
+                    failed[uri] = err
+        if failed:
+            uri, err = next(iter(failed.items()))
+            raise DeliveryError(uri, err) from err
         return idle
     finally:
         for j in taken:
@@ -209,21 +229,20 @@ class Outbox:
         while not self._halt.is_set():
             try:
                 idle = deliver_pass(self.root, self.journal, self.adopt, self._known)
-            except Exception as err:  # noqa: BLE001 - network or server: keep, try again
+            except Exception as err:  # noqa: BLE001 - a server or a disk error: try again
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                     print(
-                        f"[tracking] MLflow server {self.tracking_uri} unreachable "
-                        f"({type(err).__name__}: {short_error(err, 200)}); records are kept in "
-                        f"{self.root} and delivered when it is back",
+                        f"[tracking] MLflow server unreachable ({short_error(err, 300)}); "
+                        f"records are kept in {self.root} and delivered when it is back",
                         flush=True,
                     )
-                self.last_error = f"{type(err).__name__}: {short_error(err)}"
+                self.last_error = short_error(err)
                 self._halt.wait(delay)
                 delay = min(delay * 2, self.settings.retry_max_s)
                 continue
             if self.failing_since is not None:
-                print(f"[tracking] MLflow server {self.tracking_uri} is back", flush=True)
+                print(f"[tracking] MLflow records delivered again from {self.root}", flush=True)
             self.failing_since, delay = None, 0.5
             if idle and self._closing:
                 return
@@ -311,8 +330,8 @@ def sync(root: Path, timeout_s: float, retry_max_s: float = 10.0) -> str | None:
         try:
             if deliver_pass(root, None, adopt=True, known=known):
                 return undelivered_message(root)
-        except Exception as err:  # noqa: BLE001 - network or server: try again
-            error = f"{type(err).__name__}: {short_error(err)}"
+        except DeliveryError as err:
+            error = short_error(err)
         if time.monotonic() + delay > deadline:
             return undelivered_message(root, error)
         time.sleep(delay)
