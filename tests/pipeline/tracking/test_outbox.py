@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import tracking
-from pipeline.tracking.journal import journals
+from pipeline.tracking.journal import Journal, journals
 from pipeline.tracking.outbox import Settings, sync, undelivered
 from tests.mlflow_server import RestartableServer
 
@@ -109,3 +109,21 @@ def test_refused_record_is_kept_and_not_retried(server, tmp_path) -> None:
     assert len(rejected) == 1 and json.loads(rejected[0])["kind"] == "metrics"
     assert "RESOURCE_DOES_NOT_EXIST" in json.loads(rejected[0])["error"]
     assert sync(box.root, timeout_s=5.0) is None
+
+
+def test_a_server_away_holds_up_only_its_own_journals(server, tmp_path) -> None:
+    client = MlflowClient(server.uri)
+    experiment = client.create_experiment("outbox-two-servers")
+    run_id = client.create_run(experiment).info.run_id
+    # A journal left by an earlier job for a server that is gone (nothing listens on port 9).
+    old = Journal.create(tmp_path / "mlflow-outbox", "http://127.0.0.1:9", "f" * 32, "driver")
+    old.append("metrics", {"metrics": [["loss", 1.0, 1, 1]]})
+    old.close()
+    box = tracking.open_outbox(tmp_path, server.uri, run_id, "driver", Settings(3.0, 0.5))
+    tracking.log_metrics(server.uri, run_id, {"loss": 0.5}, 1)
+    tracking.finish_run(server.uri, run_id, "FINISHED")
+    left = box.close()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.5}
+    assert left is not None and "run ffffffff" in left and "http://127.0.0.1:9" in left
+    assert f"run {run_id}" not in left
