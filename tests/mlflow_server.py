@@ -97,8 +97,8 @@ class RestartableServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        self.proc = start_server(self.root, self.port)
+    def start(self, timeout: float = 300) -> None:
+        self.proc = start_server(self.root, self.port, timeout)
 
     def stop(self) -> None:
         if self.proc is not None:
