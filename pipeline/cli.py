@@ -15,6 +15,7 @@ from pipeline.data.cli import add_parser as add_data_parser
 from pipeline.evaluate.cli import add_parser as add_eval_parser
 from pipeline.predict.cli import add_parser as add_predict_parser
 from pipeline.submit.cli import add_parser as add_submit_parser
+from pipeline.tracking.cli import add_parser as add_tracking_parser
 from pipeline.train.cli import add_parser as add_train_parser
 from pipeline.tune.cli import add_parser as add_tune_parser
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_tune_parser,
         add_submit_parser,
         add_predict_parser,
+        add_tracking_parser,
     )
 
 

@@ -91,6 +91,8 @@ class TrackingSection:
     uri: str = ""  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; empty = local SQLite
     experiment: str = "panet"  # MLflow experiment name
     log_model: bool = True  # log the final model with mlflow.pytorch
+    flush_timeout_s: float = 60.0  # server: seconds the job's end waits to deliver its records
+    retry_max_s: float = 10.0  # server: the longest pause between two tries to deliver a record
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ class JobConfig:
         require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
         require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
         require(self.data.decode_cpus > 0, "data.decode_cpus", "> 0")
+        require(self.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s", ">= 0")
+        require(self.tracking.retry_max_s > 0, "tracking.retry_max_s", "> 0")
         require(self.data.decode_concurrency >= 0, "data.decode_concurrency", ">= 0 (0: no cap)")
         require(self.data.group_window >= 1, "data.group_window", ">= 1 (1 turns grouping off)")
         require(self.log_every >= 1, "log_every", ">= 1")

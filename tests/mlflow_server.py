@@ -30,19 +30,21 @@ def stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@contextmanager
-def mlflow_server(
+def start_server(
     root: Path,
+    port: int,
     timeout: float = 90,
     artifacts: str | None = None,
     env: dict[str, str] | None = None,
-) -> Iterator[str]:
-    """Start `mlflow server` on a free localhost port; yield its URI; stop it (and its workers).
+):
+    """Start `mlflow server` on `port` (its store in `root`) in its own session; wait for it.
 
     `artifacts`: the server's `--artifacts-destination` (default `root/artifacts`; an s3:// URI
     works with the AWS variables of this process's environment or of `env`, added to it).
+
+    Returns:
+        The server's process (stop it with `stop_group`).
     """
-    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -61,24 +63,55 @@ def mlflow_server(
         "--workers",
         "1",
     ]
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         # Its own session, so the server and the uvicorn worker it spawns stop together.
         proc = subprocess.Popen(
             cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    with urllib.request.urlopen(uri + "/health", timeout=1) as answer:
-                        if answer.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
-                time.sleep(0.25)
-            yield uri
-        finally:
-            stop_group(proc)
+            with urllib.request.urlopen(uri + "/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                stop_group(proc)
+            raise RuntimeError(f"mlflow server did not start:\n{log_path.read_text()}")
+        time.sleep(0.25)
+
+
+@contextmanager
+def mlflow_server(
+    root: Path,
+    timeout: float = 90,
+    artifacts: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """Start `mlflow server` on a free localhost port; yield its URI; stop it (and its workers).
+    The arguments are `start_server`'s."""
+    port = free_port()
+    proc = start_server(root, port, timeout, artifacts, env)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc)
+
+
+class RestartableServer:
+    """An `mlflow server` a test stops and starts again: the same port, store and artifacts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        self.proc = start_server(self.root, self.port, timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None

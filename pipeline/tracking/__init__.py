@@ -19,6 +19,8 @@ from pipeline.tracking.models import (
     model_pip_requirements,
     register_model,
 )
+from pipeline.tracking.outbox import Settings as OutboxSettings
+from pipeline.tracking.outbox import close_outbox, open_outbox
 from pipeline.tracking.runs import (
     child_runs,
     delete_tags,
@@ -41,10 +43,12 @@ from pipeline.tracking.store import (
 __all__ = [
     "CHAMPION",
     "MAX_PARAM_VALUE_LENGTH",
+    "OutboxSettings",
     "Promotion",
     "WEIGHTS_PATH",
     "TrackingUnavailableError",
     "child_runs",
+    "close_outbox",
     "default_artifact_location",
     "delete_tags",
     "finish_run",
@@ -61,6 +65,7 @@ __all__ = [
     "log_params",
     "model_metadata",
     "model_pip_requirements",
+    "open_outbox",
     "open_run",
     "promote_champion",
     "register_model",

@@ -1,4 +1,8 @@
-"""A run's artifacts: files and folders, JSON, images and matplotlib figures."""
+"""A run's artifacts: files and folders, JSON, images and matplotlib figures.
+
+With an `outbox.Outbox` open for the run, a file is copied into its journal and uploaded by the
+sender (`outbox.py`); otherwise it is uploaded at once, with retries, and a failure raises.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.tracking import journal
 from pipeline.tracking.store import mlflow_client, retry
 
 if TYPE_CHECKING:
@@ -44,11 +49,12 @@ def log_artifact_file(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no file to log as an MLflow artifact: {path}")
-    client = mlflow_client(tracking_uri)
-    if path.is_dir():
-        retry(lambda: client.log_artifacts(run_id, str(path), artifact_path), "log_artifacts")
-    else:
-        retry(lambda: client.log_artifact(run_id, str(path), artifact_path), "log_artifact")
+    if not journal.put(tracking_uri, run_id, "artifact", path, artifact_path=artifact_path):
+        client = mlflow_client(tracking_uri)
+        if path.is_dir():
+            retry(lambda: client.log_artifacts(run_id, str(path), artifact_path), "log_artifacts")
+        else:
+            retry(lambda: client.log_artifact(run_id, str(path), artifact_path), "log_artifact")
     return posixpath.join(artifact_path, path.name) if artifact_path else path.name
 
 

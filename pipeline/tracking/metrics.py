@@ -1,6 +1,8 @@
 """Params and metrics of a run, under MLflow's names and limits.
 
 Failure policy:
+- With an `outbox.Outbox` open for the run, both hand their record to its journal and return
+  (the sender delivers it; `outbox.py`). Otherwise:
 - `log_params` retries, then raises; a resumed job's changed value goes to a tag, not an error.
 - `log_metrics` never raises: after retries with backoff it warns, drops the batch and skips
   metrics for a cool-down, so an unavailable server neither kills nor stalls a training job.
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from pipeline.tracking import journal
 from pipeline.tracking.runs import MAX_PARAMS_PER_BATCH, MAX_TAG_VALUE_LENGTH, clip, mlflow_name
 from pipeline.tracking.store import is_client_error, mlflow_client, own_attempts, retry, short_error
 
@@ -54,15 +57,26 @@ def log_params(tracking_uri: str, run_id: str, flat_params: Mapping[str, Any]) -
         flat_params: {"dotted.key": value}; lists, tuples and dicts become JSON.
 
     Returns:
-        {key: new value} of the params whose logged value differs.
+        {key: new value} of the params whose logged value differs ({} when an outbox takes
+        them: the sender compares them when it delivers them).
     """
+    wanted: dict[str, str] = {}
+    for key, value in flat_params.items():
+        wanted[mlflow_name(str(key))] = clip(_param_value(value), MAX_PARAM_VALUE_LENGTH)
+    if journal.put(tracking_uri, run_id, "params", params=wanted):
+        return {}
+    return deliver_params(tracking_uri, run_id, wanted)
+
+
+def deliver_params(
+    tracking_uri: str, run_id: str, wanted: dict[str, str], warn: bool = True
+) -> dict[str, str]:
+    """`log_params`'s delivery of names and values already in MLflow's form; `warn`: warn of
+    changed values (an outbox's sender does not: the job has said so when it started)."""
     # deferred: `panet --help` imports this module (via submit); mlflow only when logging
     from mlflow.entities import Param, RunTag
 
     client = mlflow_client(tracking_uri)
-    wanted: dict[str, str] = {}
-    for key, value in flat_params.items():
-        wanted[mlflow_name(str(key))] = clip(_param_value(value), MAX_PARAM_VALUE_LENGTH)
     existing = retry(lambda: client.get_run(run_id).data.params, "get_run")
     new = [Param(k, v) for k, v in wanted.items() if k not in existing]
     changed = {k: v for k, v in wanted.items() if k in existing and existing[k] != v}
@@ -70,12 +84,12 @@ def log_params(tracking_uri: str, run_id: str, flat_params: Mapping[str, Any]) -
         RunTag(mlflow_name(f"param_changed.{k}"), clip(v, MAX_TAG_VALUE_LENGTH))
         for k, v in changed.items()
     ]
-    if changed:
+    if changed and warn:
         warnings.warn(
             f"params already logged with other values (kept, new values in "
             f"param_changed.* tags): {sorted(changed)}",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
         params = new[start : start + MAX_PARAMS_PER_BATCH]
@@ -114,13 +128,11 @@ def log_metrics(
 ) -> int:
     """Log metrics at a step, in batches of 1000. Never raises.
 
-    Names are sanitised to MLflow's characters (`bbox/AP` stays: "/" groups charts in the UI).
-    NaN is stored as NaN; +-inf is stored by MLflow's SQL stores as +-1.8e308. Values that are
-    not numbers are skipped with a warning.
-
-    A batch that still fails after its retries is dropped with a warning; the store is then
-    taken as offline for `offline_cooldown` seconds, in which batches are dropped at once instead
-    of stalling every training step on retries; the first call after that tries again.
+    Names are sanitised to MLflow's characters (`bbox/AP` stays: "/" groups charts in the UI);
+    NaN is stored as NaN, +-inf as +-1.8e308 (SQL stores); a value that is not a number is
+    skipped with a warning. With an outbox open for the run the values go to its journal. Else a
+    batch that still fails after its retries is dropped with a warning and the store is taken as
+    offline for `offline_cooldown` seconds (batches dropped at once: no step stalls on retries).
 
     Args:
         tracking_uri: the run's store.
@@ -134,13 +146,16 @@ def log_metrics(
         offline_cooldown: seconds to skip logging after a dropped batch.
 
     Returns:
-        The number of metric values logged.
+        The number of metric values logged (or handed to the run's outbox).
     """
+    entries = _metric_entries(metrics, step)
+    rows = [[m.key, m.value, m.timestamp, m.step] for m in entries]
+    if rows and journal.put(tracking_uri, run_id, "metrics", metrics=rows):
+        return len(rows)
     with _offline_lock:
         offline = time.monotonic() < _offline_until.get(tracking_uri, 0.0)
     if offline:
         return 0
-    entries = _metric_entries(metrics, step)
     logged = 0
     try:
         client = mlflow_client(tracking_uri)

@@ -5,6 +5,8 @@ Failure policy:
   so a job with a wrong URI or a server that is down never starts training.
 - `finish_run` never raises: it often runs while another exception is propagating.
 - Tags retry, then raise; callers that must not fail catch it.
+- With an `outbox.Outbox` open for the run, `set_tags` and `finish_run` hand their record to its
+  journal and return; the sender delivers it (`outbox.py`).
 Params and metrics: `metrics.py`.
 """
 
@@ -22,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.tracking import journal
 from pipeline.tracking.store import (
     TrackingUnavailableError,
     default_artifact_location,
@@ -252,6 +255,8 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
     if status not in RUN_STATUSES:
         raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
     try:
+        if journal.put(tracking_uri, run_id, "terminate", status=status):
+            return
         retry(
             lambda: mlflow_client(tracking_uri).set_terminated(run_id, status),
             "set_terminated",
@@ -275,9 +280,10 @@ def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     """
     from mlflow.entities import RunTag
 
-    items = [
-        RunTag(mlflow_name(str(k)), clip(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()
-    ]
+    named = {mlflow_name(str(k)): clip(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()}
+    if journal.put(tracking_uri, run_id, "tags", tags=named):
+        return
+    items = [RunTag(k, v) for k, v in named.items()]
     client = mlflow_client(tracking_uri)
     for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
         chunk = items[start : start + MAX_PARAMS_PER_BATCH]

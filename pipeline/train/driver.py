@@ -25,7 +25,7 @@ from pipeline.config import JobConfig, decode_options
 from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
 from pipeline.failures import result_box, take_answer
 from pipeline.train.checkpoints import latest_state_file
-from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.loop import outbox_settings, train_loop_per_worker
 from pipeline.train.preflight import Plan, check_cluster_storage, check_resources, preflight
 from pipeline.train.resume import describe, write_job_record
 
@@ -53,7 +53,8 @@ def open_run(
     The run id lives in `<storage>/<name>/mlflow_run.json` (`tracking.open_run`, and in every
     checkpoint), so a resumed or restarted job logs into the same run and never creates a
     duplicate. The run records its source (entry point, git commit) and its train and val
-    shards as datasets.
+    shards as datasets. On a tracking server the driver's records go through the job's outbox
+    (`tracking.open_outbox`), which `fit_run` closes.
 
     Args:
         job: the job.
@@ -77,6 +78,7 @@ def open_run(
         commit,
     )
     tracking.log_dataset_inputs(uri, run_id, dataset_inputs(job, plan))
+    tracking.open_outbox(job.run_dir, uri, run_id, "driver", outbox_settings(job))
     params: dict[str, Any] = dict(job.flat())
     params.update(versions())
     params.update(
@@ -251,6 +253,9 @@ def fit_run(trainer: Any, tracking_uri: str, run_id: str, results: Any) -> Any:
         tracking_uri, run_id: the job's MLflow run.
         results: the `failures.result_box()` given to `build_trainer`.
 
+    The job's MLflow outbox is closed after that: its records are delivered, or, if the server
+    is still down after `tracking.flush_timeout_s`, a message names what is left and where.
+
     Returns:
         Ray Train's `Result`.
 
@@ -261,10 +266,21 @@ def fit_run(trainer: Any, tracking_uri: str, run_id: str, results: Any) -> Any:
         result = trainer.fit()
         take_answer(results)
     except BaseException:
-        tracking.finish_run(tracking_uri, run_id, "FAILED" if not _interrupted() else "KILLED")
+        interrupted = _interrupted()
+        tracking.finish_run(tracking_uri, run_id, "KILLED" if interrupted else "FAILED")
+        # Interrupted: no waiting for a server that is down (what is left is reported).
+        _close_outbox(tracking_uri, run_id, give_up_when_down=interrupted)
         raise
     tracking.finish_run(tracking_uri, run_id, "FINISHED")
+    _close_outbox(tracking_uri, run_id)
     return result
+
+
+def _close_outbox(tracking_uri: str, run_id: str, give_up_when_down: bool = False) -> None:
+    """Deliver the job's remaining MLflow records (a bounded wait); say what is left, and where."""
+    left = tracking.close_outbox(tracking_uri, run_id, give_up_when_down=give_up_when_down)
+    if left:
+        print(left, flush=True)
 
 
 def checkpoint_location(checkpoint: Any) -> str:

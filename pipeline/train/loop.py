@@ -212,15 +212,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     # NCCL: the gloo group every evaluation gathers over, made now so a bad network fails here.
     gather_group()
-    # The nodes, and a resize since the checkpoint.
-    record_world(job, config["tracking_uri"], config["run_id"], step, saved_world)
-    setup = WorkerSetup(**config, gt=coco_ground_truth(job.data.val) if rank == 0 else None)
-    if step >= job.solver.max_steps:
-        # A finished job re-run: nothing to train; hand back the final metrics.
-        ray.train.report({"step": step, **flat_metrics(metrics)})
-        return
-    training = Training(ddp, optimizer, scheduler, scaler)
-    train_loop(training, setup, LoopState(step, metrics), device)
+    uri, run_id = config["tracking_uri"], config["run_id"]
+    # Rank 0's MLflow records go through its outbox on a server (`tracking.outbox`).
+    if rank == 0:
+        tracking.open_outbox(job.run_dir, uri, run_id, "rank0", outbox_settings(job))
+    try:
+        # The nodes, and a resize since the checkpoint.
+        record_world(job, uri, run_id, step, saved_world)
+        setup = WorkerSetup(**config, gt=coco_ground_truth(job.data.val) if rank == 0 else None)
+        if step >= job.solver.max_steps:
+            # A finished job re-run: nothing to train; hand back the final metrics.
+            ray.train.report({"step": step, **flat_metrics(metrics)})
+            return
+        training = Training(ddp, optimizer, scheduler, scaler)
+        train_loop(training, setup, LoopState(step, metrics), device)
+    finally:
+        # Delivered while the server answers; what it does not take, the driver delivers.
+        tracking.close_outbox(uri, run_id, give_up_when_down=True)
+
+
+def outbox_settings(job: JobConfig) -> tracking.OutboxSettings:
+    """The job's `tracking.OutboxSettings` (the driver's are the same)."""
+    return tracking.OutboxSettings(job.tracking.flush_timeout_s, job.tracking.retry_max_s)
 
 
 def restored_state() -> dict[str, Any] | None:

@@ -221,6 +221,11 @@ def open_parent(p: Prepared) -> str:
         "panet tune",
         tracking.git_commit(),
     )
+    # The parent run's records go through the sweep's outbox, as a job's (`run_sweep` closes it).
+    settings = tracking.OutboxSettings(
+        p.base_job.tracking.flush_timeout_s, p.base_job.tracking.retry_max_s
+    )
+    tracking.open_outbox(p.sweep_dir, p.tracking_uri, run_id, "driver", settings)
     params = {
         "sweep.name": p.sweep.name,
         "sweep.file": p.sweep.path,
@@ -488,10 +493,15 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
         f"{'restoring' if restore else 'starting'} in {p.sweep_dir}",
         flush=True,
     )
-    tuner = build_tuner(p, parent, max_concurrent, restore, growable)
-    tuner.fit()
-    rows = collect(p, saved_trials(p))
-    out = finish(p, parent, rows)
+    try:
+        tuner = build_tuner(p, parent, max_concurrent, restore, growable)
+        tuner.fit()
+        rows = collect(p, saved_trials(p))
+        out = finish(p, parent, rows)
+    finally:
+        left = tracking.close_outbox(p.tracking_uri, parent)
+        if left:
+            print(left, flush=True)
     out.update(
         tracking_uri=p.tracking_uri,
         parent_run_id=parent,
