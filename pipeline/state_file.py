@@ -37,16 +37,13 @@ def save_state(directory: Path, **state: Any) -> Path:
     path = Path(directory) / STATE_FILE
     tmp = path.with_suffix(".tmp")
     try:
-        torch.save(state, tmp)
+        # Through a Python file: a failed write then carries its OSError (errno) along.
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
         tmp.replace(path)  # never a half-written file under the real name
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save wraps a failed write in RuntimeError
         tmp.unlink(missing_ok=True)
-        if storage.is_disk_full(err) or storage.is_disk_full(err.__cause__ or err):
-            raise storage.disk_full_error(path) from err
-        raise
-    except RuntimeError as err:  # torch.save reports a failed write as RuntimeError
-        tmp.unlink(missing_ok=True)
-        if "No space left" in str(err) or "file write failed" in str(err):
+        if storage.is_disk_full(err) or storage.is_disk_full(err.__context__ or err):
             raise storage.disk_full_error(path) from err
         raise
     seal(directory)

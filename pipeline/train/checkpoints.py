@@ -7,6 +7,7 @@ latest whole checkpoint that reads back) and what it checks before resuming.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -124,24 +125,27 @@ def location(fs: Any, path: str) -> str:
 def upload_files(local_dir: str | Path, fs: Any, path: str) -> None:
     """Copy a checkpoint directory's files to (fs, path), its seal last.
 
-    Each file is retried while the storage's errors are transient (`storage.retrying`). On a
-    failure the partial upload is removed; without its seal it is never listed anyway.
+    Each file is written, closed and its size read back, retried while the storage's errors are
+    transient (`storage.retrying`). On a failure the partial upload is removed; without its seal
+    it is never listed anyway.
 
     Raises:
         OSError: naming the file's location (a full disk, or storage still unreachable).
     """
     names = sorted(f.name for f in Path(local_dir).iterdir() if f.is_file())
     names.sort(key=lambda n: n == SEAL_FILE)  # the seal last: its presence means "whole"
-    fs.create_dir(path, recursive=True)
     try:
+        storage.retrying(
+            "creating", location(fs, path), functools.partial(fs.create_dir, path, recursive=True)
+        )
         for name in names:
             target = f"{path}/{name}"
-
-            def copy(src: str = str(Path(local_dir, name)), dst: str = target) -> None:
-                pafs.copy_files(src, dst, destination_filesystem=fs, use_threads=False)
-
             try:
-                storage.retrying("uploading", location(fs, target), copy)
+                storage.retrying(
+                    "uploading",
+                    location(fs, target),
+                    functools.partial(_put, Path(local_dir, name), fs, target),
+                )
             except OSError as err:
                 if storage.is_disk_full(err):
                     raise storage.disk_full_error(location(fs, target)) from err
@@ -150,6 +154,16 @@ def upload_files(local_dir: str | Path, fs: Any, path: str) -> None:
         with suppress(OSError):
             fs.delete_dir(path)
         raise
+
+
+def _put(source: Path, fs: Any, target: str) -> None:
+    """One file to (fs, target); an object that did not arrive whole raises (and is retried)."""
+    with open(source, "rb") as f, fs.open_output_stream(target) as out:
+        while block := f.read(8 << 20):
+            out.write(block)
+    size, got = source.stat().st_size, fs.get_file_info(target).size
+    if got != size:
+        raise OSError(f"{location(fs, target)!r}: {got} of {size} bytes arrived")
 
 
 def free_name(fs: Any, parent: str, dir_name: str) -> str:
