@@ -117,12 +117,6 @@ def whole_checkpoints(run_dir: Any, warn: Callable[[str], None] | None = None) -
     return found
 
 
-def verify_state(path: Any) -> None:
-    """Raise ValueError naming `path` (a `state.pt`) if it differs from its checkpoint's seal."""
-    p = as_path(path)
-    _check_digest(p, p.read_bytes() if isinstance(p, StoragePath) else None)
-
-
 def _check_digest(p: Any, data: bytes | None) -> None:
     """Raise ValueError if `state.pt` at `p` (or its bytes `data`) differs from its seal."""
     record = read_seal(p.parent)

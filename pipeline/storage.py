@@ -157,7 +157,9 @@ def read_bytes(location: str | Path) -> bytes:
     fs, path = filesystem(location)
 
     def read() -> bytes:
-        with fs.open_input_stream(path) as f:
+        # A random-access file: one ranged GET for the whole object on S3; an input stream's
+        # read() fetches it in many small ranges (40 MB from moto: 0.5 s against 28 s).
+        with fs.open_input_file(path) as f:
             return bytes(f.read())
 
     try:

@@ -20,7 +20,7 @@ from torch import nn
 
 from panet_model.config import flatten
 from pipeline import storage
-from pipeline.state_file import SEAL_FILE, STATE_FILE, load_state, verify_state, whole_checkpoints
+from pipeline.state_file import SEAL_FILE, STATE_FILE, load_state, whole_checkpoints
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,20 +68,16 @@ def restore_training_state(
 def latest_state_file(run_dir: Any, warn: Callable[[str], None] = print) -> Any:
     """The `state.pt` of a job directory's newest whole checkpoint (local or a URI), or None.
 
-    A `step-*` directory without its seal, with a file cut short or a `state.pt` whose sha256
-    differs from the seal's is skipped, and `warn` is told which file and why.
+    A `step-*` directory without its seal or with a file cut short is skipped, and `warn` is
+    told which file and why. The sha256 is checked where the state is read (`load_state`).
     """
-    for directory in reversed(whole_checkpoints(run_dir, warn)):
-        try:
-            verify_state(directory / STATE_FILE)
-        except ValueError as err:
-            warn(f"checkpoint left out: {err}")
-            continue
-        return directory / STATE_FILE
-    return None
+    found = whole_checkpoints(run_dir, warn)
+    return found[-1] / STATE_FILE if found else None
 
 
-def load_resume_state(location: str, warn: Callable[[str], None] = print) -> dict[str, Any]:
+def load_resume_state(
+    location: str, warn: Callable[[str], None] = print, mmap: bool = False
+) -> dict[str, Any]:
     """The state to resume from: checkpoint `location`'s, else the newest whole one before it.
 
     Ray Train hands a restarted or re-run job its latest reported checkpoint; one whose
@@ -92,7 +88,7 @@ def load_resume_state(location: str, warn: Callable[[str], None] = print) -> dic
         ValueError: naming the unreadable file, when no earlier checkpoint reads back either.
     """
     try:
-        return load_state(location)
+        return load_state(location, mmap=mmap)
     except (ValueError, FileNotFoundError) as err:
         first = err
         warn(f"[train] warning: {err}")
@@ -101,7 +97,7 @@ def load_resume_state(location: str, warn: Callable[[str], None] = print) -> dic
         if directory.name >= newest:
             continue
         try:
-            state = load_state(directory)
+            state = load_state(directory, mmap=mmap)
         except (ValueError, FileNotFoundError) as err:
             warn(f"[train] warning: {err}")
             continue
@@ -196,7 +192,7 @@ def check_resumable(path: Path, model: nn.Module, model_config: dict[str, Any]) 
     version, another width) the checkpoint's tensors would not fit. Raises ValueError naming
     the job directory, the first differing tensor and the config keys that changed.
     """
-    state = load_state(path, mmap=True)
+    state = load_resume_state(str(path.parent), mmap=True)
     saved, own = state.get("model", {}), model.state_dict()
     differs = sorted(
         k

@@ -6,6 +6,7 @@ boto3) finds it through the standard AWS environment variables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -84,14 +85,17 @@ def test_storage_uris_stay_uris_in_the_config() -> None:
 def test_files_and_globs_on_s3(s3) -> None:
     run_dir = storage.as_path("s3://panet/unit/job")
     assert not run_dir.exists() and latest_state_file(run_dir) is None
-    for step in (2, 10):
+    seal = {"files": {"state.pt": {"bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}}}
+    for step in (2, 10, 12):
         (run_dir / f"step-{step:08d}" / "state.pt").write_bytes(b"x")
+        if step != 12:  # no seal: not whole (an upload that stopped half-way)
+            (run_dir / f"step-{step:08d}" / "checkpoint.json").write_text(json.dumps(seal))
     (run_dir / "step-00000011" / "metrics.json").write_text("{}")  # no state: not a checkpoint
     (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": "r"}))
     assert run_dir.is_dir() and (run_dir / "mlflow_run.json").is_file()
     assert json.loads((run_dir / "mlflow_run.json").read_text()) == {"run_id": "r"}
     assert str(latest_state_file(run_dir)) == "s3://panet/unit/job/step-00000010/state.pt"
-    assert storage.list_names("s3://panet/unit/job")[-1] == "step-00000011"
+    assert storage.list_names("s3://panet/unit/job")[-1] == "step-00000012"
     storage.delete("s3://panet/unit/job")
     assert not storage.exists("s3://panet/unit/job/mlflow_run.json")
 
