@@ -150,10 +150,8 @@ def write_shard(task: ShardTask, on_item: Callable[[], None] | None = None) -> d
         on_item: called after each item (in-process progress); pool workers use a shared counter.
 
     Returns:
-        The done marker (also written to `_progress/shard-NNNNN.json`).
-
-    Raises:
-        DataError: the disk is full (naming the shard); its temp file is removed.
+        The done marker (also written to `_progress/shard-NNNNN.json`). A full disk raises
+        `DataError` naming the shard; its temp file is removed.
     """
     out = Path(task.out)
     name = shard_name(task.index)

@@ -18,6 +18,7 @@ from pipeline.cli import main as panet
 from pipeline.config import load_job_config
 from pipeline.data.manifest import load_manifest, shard_paths
 from pipeline.data.synth import write_synthetic
+from pipeline.state_file import load_state
 from pipeline.train.checkpoints import latest_state_file
 from tests.s3_server import s3_server
 
@@ -173,5 +174,15 @@ def test_train_resume_and_eval_on_s3(s3_shards, tmp_path_factory) -> None:
             assert sorted(m.step for m in history) == [1, 2, 3, 4]
             metrics = run_eval_job(second["checkpoint"], s3_shards["val"], 2, 2)
             assert len(metrics) == 12 and metrics == pytest.approx(second["metrics"])
+            # Step 4's state.pt cut at half: the re-run goes on from step 2, not failing, and
+            # writes the new step 4 beside the one Ray Train still lists.
+            cut = second["checkpoint"] + "/state.pt"
+            data = storage.read_bytes(cut)
+            storage.write_bytes(cut, data[: len(data) // 2])
+            third = run_training(load_job_config(CONFIG, {**sets, "solver.max_steps": 4}))
+            assert third["checkpoint"] == "s3://panet/runs/s3-job/step-00000004-2"
+            assert load_state(third["checkpoint"])["step"] == 4
+            history = MlflowClient(server).get_metric_history(first["run_id"], "train/loss")
+            assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4]
     finally:
         ray.shutdown()
