@@ -5,24 +5,95 @@ A location is a string. URIs stay URIs everywhere (`Path` would turn `s3://b/run
 credentials come from the standard AWS environment variables (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, ...), which pyarrow, Ray Data, Ray Train, boto3 and MLflow all read.
 
+Object storage calls that fail on a transient error (connection refused or reset, a timeout,
+a 5xx answer) are retried with exponential backoff for at most `PANET_STORAGE_RETRY_S` seconds
+(default 120), then fail naming the URI. A full local disk fails naming the path.
+
 `check_on_every_node` runs one small task on each node of the cluster, so storage that some
 node cannot see fails before any worker starts, not at the first checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
 PROBE_PREFIX = ".panet-probe-"  # "."-files are skipped by pyarrow's and Ray Data's discovery
+RETRY_ENV = "PANET_STORAGE_RETRY_S"  # seconds an object storage call keeps retrying
+DEFAULT_RETRY_S = 120.0
+# Errors no retry cures: missing or forbidden objects, a missing bucket, bad credentials.
+_PERMANENT = ("ACCESS_DENIED", "NoSuchBucket", "NO_SUCH_BUCKET", "InvalidAccessKeyId", "Forbidden")
+
+T = TypeVar("T")
+
+
+def retry_seconds() -> float:
+    """How long an object storage call keeps retrying (`PANET_STORAGE_RETRY_S`)."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError as err:
+        raise ValueError(f"{RETRY_ENV}: expected seconds, got {os.environ[RETRY_ENV]!r}") from err
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and (
+        err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
+    )
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for an object storage error that may pass: network, timeout, throttling, 5xx."""
+    if not isinstance(err, OSError) or is_disk_full(err):
+        return False
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return not any(code in str(err) for code in _PERMANENT)
+
+
+def retrying(
+    what: str, location: str | Path, fn: Callable[[], T], budget: float | None = None
+) -> T:
+    """`fn()`, retried with exponential backoff (0.5 s doubling, at most 8 s) while it raises
+    transient errors, for at most `budget` seconds (default `retry_seconds()`).
+
+    Raises:
+        OSError: after the budget, naming `what` and `location`, with the last error.
+    """
+    budget = retry_seconds() if budget is None else budget
+    start, delay, attempts = time.monotonic(), 0.5, 0
+    while True:
+        attempts += 1
+        try:
+            return fn()
+        except OSError as err:
+            waited = time.monotonic() - start
+            if not is_transient(err):
+                raise
+            if waited + delay > budget:
+                raise OSError(
+                    f"{what} {str(location)!r} failed {attempts} times over {waited:.0f} s "
+                    f"({RETRY_ENV}={budget:g}): {err}"
+                ) from err
+            print(f"[storage] {what} {str(location)!r} failed ({err}); retrying in {delay:g} s")
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)
+
+
+def disk_full_error(path: str | Path) -> OSError:
+    """The error for a full disk at `path`: what to do next, naming the path."""
+    return OSError(
+        errno.ENOSPC, f"no space left on device writing {str(path)!r}; free space and retry"
+    )
 
 
 def is_uri(location: str | Path) -> bool:
@@ -84,9 +155,15 @@ def is_dir(location: str | Path) -> bool:
 def read_bytes(location: str | Path) -> bytes:
     """The bytes of a file. Raises FileNotFoundError naming the location."""
     fs, path = filesystem(location)
+
+    def read() -> bytes:
+        # A random-access file: one ranged GET for the whole object on S3; an input stream's
+        # read() fetches it in many small ranges (40 MB from moto: 0.5 s against 28 s).
+        with fs.open_input_file(path) as f:
+            return bytes(f.read())
+
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return retrying("reading", location, read) if is_uri(location) else read()
     except (FileNotFoundError, OSError) as err:
         if not is_file(location):
             raise FileNotFoundError(f"{str(location)!r} does not exist") from err
@@ -100,18 +177,29 @@ def read_text(location: str | Path) -> str:
 def write_bytes(location: str | Path, data: bytes) -> None:
     """Write a whole file, never half of it under its name.
 
-    Local files go through a temporary name and a rename; an object store's PUT is atomic.
+    Local files go through a temporary name and a rename (a full disk raises naming the path);
+    an object store's PUT is atomic, retried while its errors are transient (`retrying`).
     """
     if not is_uri(location):
         path = Path(location)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(err):
+                raise disk_full_error(path) from err
+            raise
         return
     fs, path_in = filesystem(location)
-    with fs.open_output_stream(path_in) as f:
-        f.write(data)
+
+    def put() -> None:
+        with fs.open_output_stream(path_in) as f:
+            f.write(data)
+
+    retrying("writing", location, put)
 
 
 def write_text(location: str | Path, text: str) -> None:

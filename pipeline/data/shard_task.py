@@ -3,7 +3,8 @@
 A worker converts its shard's items, writes `shard-NNNNN.parquet` to a temp file and renames it
 into place (the shard appears complete or not at all), then writes the shard's done marker
 `_progress/shard-NNNNN.json`: rows, sha256, bytes, counts and the records it skipped. Memory
-stays bounded: at most `ROW_GROUP_ROWS` converted records are held at a time.
+stays bounded: at most `ROW_GROUP_ROWS` converted records are held at a time. A full disk
+stops the conversion with a `DataError` naming the file; what was done stays for `--resume`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.data.layout import PROGRESS_DIR
-from pipeline.data.manifest import sha256_file
+from pipeline.data.manifest import DataError, sha256_file
 from pipeline.data.plan import BadRecordError, ItemResult, skip_entry
 from pipeline.data.records import RECORD_SCHEMA
 
@@ -98,17 +101,35 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def disk_full_names(path: Path) -> Iterator[None]:
+    """Turn a full disk while writing `path` into a `DataError` naming it."""
+    try:
+        yield
+    except OSError as err:
+        if not storage.is_disk_full(err):
+            raise
+        raise DataError(
+            f"{path}: no space left on device; the shards written so far are kept: free space "
+            "and rerun with --resume"
+        ) from err
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to a temp file in the same directory, fsync it, then rename it over `path`.
 
     A reader sees either the old file, no file, or the complete new one: never half of it.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with disk_full_names(path), open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -129,7 +150,8 @@ def write_shard(task: ShardTask, on_item: Callable[[], None] | None = None) -> d
         on_item: called after each item (in-process progress); pool workers use a shared counter.
 
     Returns:
-        The done marker (also written to `_progress/shard-NNNNN.json`).
+        The done marker (also written to `_progress/shard-NNNNN.json`). A full disk raises
+        `DataError` naming the shard; its temp file is removed.
     """
     out = Path(task.out)
     name = shard_name(task.index)
@@ -140,31 +162,33 @@ def write_shard(task: ShardTask, on_item: Callable[[], None] | None = None) -> d
     sha = None
     nbytes = 0
     try:
-        for item in task.items:
-            result = _convert_safely(task, item)
-            if task.strict and result.skipped:
-                first = result.skipped[0]
-                raise BadRecordError(f"{first['source']}: {first['reason']} [{first['code']}]")
-            stats.skipped.extend(result.skipped)
-            if result.record is not None:
-                stats.add(result.record)
-                buffer.append(result.record)
-                if len(buffer) >= ROW_GROUP_ROWS:
-                    writer = _write_rows(writer, tmp, buffer)
-                    buffer = []
-            (on_item or _count_item)()
-        if buffer:
-            writer = _write_rows(writer, tmp, buffer)
-        if writer is not None:
-            writer.close()
-            writer = None
-            _fsync(tmp)
-            sha = sha256_file(tmp)
-            nbytes = tmp.stat().st_size
-            os.replace(tmp, out / name)  # the shard appears complete or not at all
+        with disk_full_names(out / name):
+            for item in task.items:
+                result = _convert_safely(task, item)
+                if task.strict and result.skipped:
+                    first = result.skipped[0]
+                    raise BadRecordError(f"{first['source']}: {first['reason']} [{first['code']}]")
+                stats.skipped.extend(result.skipped)
+                if result.record is not None:
+                    stats.add(result.record)
+                    buffer.append(result.record)
+                    if len(buffer) >= ROW_GROUP_ROWS:
+                        writer = _write_rows(writer, tmp, buffer)
+                        buffer = []
+                (on_item or _count_item)()
+            if buffer:
+                writer = _write_rows(writer, tmp, buffer)
+            if writer is not None:
+                writer.close()
+                writer = None
+                _fsync(tmp)
+                sha = sha256_file(tmp)
+                nbytes = tmp.stat().st_size
+                os.replace(tmp, out / name)  # the shard appears complete or not at all
     finally:
         if writer is not None:
-            writer.close()
+            with suppress(OSError):  # a full disk fails the close too; the error above counts
+                writer.close()
         tmp.unlink(missing_ok=True)
     marker = {
         "shard": task.index,

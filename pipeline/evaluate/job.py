@@ -33,7 +33,7 @@ from pipeline.evaluate.distributed import evaluate
 from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics
 from pipeline.failures import result_box, setup_or_none, take_answer
 from pipeline.quiet import quiet_worker
-from pipeline.state_file import STATE_FILE, load_state, model_config
+from pipeline.state_file import STATE_FILE, load_state, model_config, whole_checkpoints
 
 
 def pick_checkpoint(path: str, best: bool = False) -> str:
@@ -53,7 +53,7 @@ def pick_checkpoint(path: str, best: bool = False) -> str:
     p = storage.as_path(path)  # a local Path, or a StoragePath for s3:// / gs://
     if p.is_file() or (p / STATE_FILE).is_file() or not p.is_dir():
         return path  # a checkpoint, or missing: the loader names the file
-    candidates: list[Any] = sorted(p.glob(f"step-*/{STATE_FILE}"))
+    candidates: list[Any] = [d / STATE_FILE for d in whole_checkpoints(p, warn=print)]
     if not candidates:
         raise FileNotFoundError(
             f"{path!r} is neither a checkpoint nor a job directory with step-*/{STATE_FILE}"

@@ -24,7 +24,7 @@ from pipeline import ray_session, storage, tracking
 from pipeline.config import JobConfig, decode_options
 from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
 from pipeline.failures import result_box, take_answer
-from pipeline.train.checkpoints import latest_state_file
+from pipeline.train.checkpoints import latest_state_file, location
 from pipeline.train.loop import outbox_settings, train_loop_per_worker
 from pipeline.train.preflight import Plan, check_cluster_storage, check_resources, preflight
 from pipeline.train.resume import describe, write_job_record
@@ -236,7 +236,11 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
     )
     results = result_box()
     result = fit_run(build_trainer(job, plan, uri, run_id, results), uri, run_id, results)
-    checkpoint = checkpoint_location(result.checkpoint) if result.checkpoint else None
+    checkpoint = (
+        location(result.checkpoint.filesystem, result.checkpoint.path)
+        if result.checkpoint
+        else None
+    )
     metrics: dict[str, float] = {}
     if checkpoint is not None:
         # The latest checkpoint always exists after a run and carries the last evaluation.
@@ -281,15 +285,6 @@ def _close_outbox(tracking_uri: str, run_id: str, give_up_when_down: bool = Fals
     left = tracking.close_outbox(tracking_uri, run_id, give_up_when_down=give_up_when_down)
     if left:
         print(left, flush=True)
-
-
-def checkpoint_location(checkpoint: Any) -> str:
-    """A Ray Train checkpoint's location as the pipeline writes it: a path or an s3:// URI."""
-    kind = checkpoint.filesystem.type_name
-    if kind == "local":
-        return str(checkpoint.path)
-    scheme = {"gcs": "gs"}.get(kind, kind)
-    return f"{scheme}://{checkpoint.path}"
 
 
 def coco_metrics(saved: dict[str, Any]) -> dict[str, float]:

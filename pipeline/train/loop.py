@@ -35,9 +35,15 @@ from pipeline.evaluate.distributed import evaluate, gather_group
 from pipeline.evaluate.scoring import coco_ground_truth, flat_metrics, format_metrics
 from pipeline.failures import setup_or_none
 from pipeline.quiet import quiet_worker
-from pipeline.state_file import load_state, save_state
+from pipeline.state_file import save_state
 from pipeline.tracking.samples import log_prediction_pictures
-from pipeline.train.checkpoints import restore_training_state, rng_state
+from pipeline.train.checkpoints import (
+    load_resume_state,
+    location,
+    restore_training_state,
+    rng_state,
+    upload_checkpoint,
+)
 from pipeline.train.elastic import group_steps, micro_batches, record_world
 from pipeline.train.progress import Progress
 from pipeline.train.solver import build_optimizer, build_scheduler
@@ -110,6 +116,9 @@ def save_checkpoint(training: Training, setup: WorkerSetup, state: LoopState) ->
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
+            # Beside the state: the driver reads the final metrics without loading the model.
+            # Written first: `save_state` seals the directory with every file in it.
+            (Path(tmp) / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
             save_state(
                 Path(tmp),
                 model=unwrap(training.model).state_dict(),
@@ -126,10 +135,14 @@ def save_checkpoint(training: Training, setup: WorkerSetup, state: LoopState) ->
                 config=setup.job.to_dict(),
                 metrics=dict(metrics),
             )
-            # Beside the state: the driver reads the final metrics without loading the model.
-            (Path(tmp) / "metrics.json").write_text(json.dumps({"step": step, **metrics}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:08d}")
+        # Our upload: retried while storage is unreachable, the seal last (`upload_files`).
+        ray.train.report(
+            report,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"step-{step:08d}",
+            checkpoint_upload_fn=upload_checkpoint,
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -237,12 +250,13 @@ def outbox_settings(job: JobConfig) -> tracking.OutboxSettings:
 
 
 def restored_state() -> dict[str, Any] | None:
-    """The state of the checkpoint Ray Train restarts this worker group from, if any."""
+    """The state of the checkpoint Ray Train restarts this worker group from, if any: its
+    latest, or the newest whole one before it if that one no longer reads back."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as d:
-        return load_state(d)
+    warn = print if world()[0] == 0 else (lambda _: None)
+    return load_resume_state(location(checkpoint.filesystem, checkpoint.path), warn)
 
 
 def check_amp_support(amp: str, device: torch.device, bf16_supported: Any = None) -> None:

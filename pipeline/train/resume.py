@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 from panet_model import PANetConfig
 from panet_model.config import flatten
 from pipeline.config import JobConfig
-from pipeline.state_file import load_state
 from pipeline.storage import as_path
-from pipeline.train.checkpoints import latest_state_file
+from pipeline.train.checkpoints import latest_state_file, load_resume_state
 
 if TYPE_CHECKING:
     from pipeline.storage import StoragePath
@@ -109,7 +108,7 @@ def check_job_change(
     path = latest_state_file(job.run_dir)
     if path is None:
         return []
-    state = load_state(path, mmap=True)
+    state = load_resume_state(str(path.parent), mmap=True)  # past an unreadable one, as workers do
     where = f"job {job.name!r} ({job.run_dir}, checkpoint {path.parent.name})"
     saved_cats = {int(k): str(v) for k, v in dict(state.get("categories", {})).items()}
     if saved_cats and saved_cats != dict(categories):

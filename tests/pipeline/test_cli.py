@@ -108,13 +108,14 @@ def test_eval_options_are_checked_and_help_shows_defaults(
 def _fake_job_dir(job_dir: Path, aps: dict[int, float]) -> None:
     import json
 
-    from pipeline.state_file import STATE_FILE
+    from pipeline.state_file import STATE_FILE, seal
 
     for step, ap in aps.items():
         d = job_dir / f"step-{step:08d}"
         d.mkdir(parents=True)
         (d / STATE_FILE).write_bytes(b"")
         (d / "metrics.json").write_text(json.dumps({"step": step, "segm/AP": ap}))
+        seal(d)
 
 
 def test_eval_takes_a_job_directory(

@@ -203,6 +203,7 @@ def test_a_finished_job_is_answered_from_its_run_directory(
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from pipeline import tracking
+    from pipeline.state_file import seal
     from pipeline.train.driver import finished_result
 
     def job_with(**sets):
@@ -214,6 +215,7 @@ def test_a_finished_job_is_answered_from_its_run_directory(
     step_dir.mkdir(parents=True)
     (step_dir / "state.pt").write_bytes(b"only its name is read here")
     (step_dir / "metrics.json").write_text(json.dumps({"step": 8, "segm/AP": 0.5, "bbox/AP": 0.4}))
+    seal(step_dir)
     assert finished_result(job) is None  # no MLflow run record yet
     uri = tracking.resolve_tracking_uri(job.run_dir, None)
     (job.run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": "r1", "tracking_uri": uri}))

@@ -6,6 +6,7 @@ boto3) finds it through the standard AWS environment variables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipeline.cli import main as panet
 from pipeline.config import load_job_config
 from pipeline.data.manifest import load_manifest, shard_paths
 from pipeline.data.synth import write_synthetic
+from pipeline.state_file import load_state
 from pipeline.train.checkpoints import latest_state_file
 from tests.s3_server import s3_server
 
@@ -84,14 +86,17 @@ def test_storage_uris_stay_uris_in_the_config() -> None:
 def test_files_and_globs_on_s3(s3) -> None:
     run_dir = storage.as_path("s3://panet/unit/job")
     assert not run_dir.exists() and latest_state_file(run_dir) is None
-    for step in (2, 10):
+    seal = {"files": {"state.pt": {"bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}}}
+    for step in (2, 10, 12):
         (run_dir / f"step-{step:08d}" / "state.pt").write_bytes(b"x")
+        if step != 12:  # no seal: not whole (an upload that stopped half-way)
+            (run_dir / f"step-{step:08d}" / "checkpoint.json").write_text(json.dumps(seal))
     (run_dir / "step-00000011" / "metrics.json").write_text("{}")  # no state: not a checkpoint
     (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": "r"}))
     assert run_dir.is_dir() and (run_dir / "mlflow_run.json").is_file()
     assert json.loads((run_dir / "mlflow_run.json").read_text()) == {"run_id": "r"}
     assert str(latest_state_file(run_dir)) == "s3://panet/unit/job/step-00000010/state.pt"
-    assert storage.list_names("s3://panet/unit/job")[-1] == "step-00000011"
+    assert storage.list_names("s3://panet/unit/job")[-1] == "step-00000012"
     storage.delete("s3://panet/unit/job")
     assert not storage.exists("s3://panet/unit/job/mlflow_run.json")
 
@@ -168,5 +173,15 @@ def test_train_resume_and_eval_on_s3(s3_shards, mlflow_uri: str) -> None:
         assert sorted(m.step for m in history) == [1, 2, 3, 4]
         metrics = run_eval_job(second["checkpoint"], s3_shards["val"], 2, 2)
         assert len(metrics) == 12 and metrics == pytest.approx(second["metrics"])
+        # Step 4's state.pt cut at half: the re-run goes on from step 2, not failing, and
+        # writes the new step 4 beside the one Ray Train still lists.
+        cut = second["checkpoint"] + "/state.pt"
+        data = storage.read_bytes(cut)
+        storage.write_bytes(cut, data[: len(data) // 2])
+        third = run_training(load_job_config(CONFIG, {**sets, "solver.max_steps": 4}))
+        assert third["checkpoint"] == "s3://panet/runs/s3-job/step-00000004-2"
+        assert load_state(third["checkpoint"])["step"] == 4
+        history = MlflowClient(server).get_metric_history(first["run_id"], "train/loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4]
     finally:
         ray.shutdown()
