@@ -15,10 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-
 from panet_model import PANetConfig
 from panet_model.config import apply_overrides, flatten, require, to_plain
+from pipeline import safe_yaml
 
 if TYPE_CHECKING:
     from pipeline.data.augment import AugmentConfig
@@ -244,7 +243,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {item!r}: expected dotted.key=value")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        out[key.strip()] = safe_yaml.load_text(raw, f"--set {key.strip()}") if raw.strip() else ""
     return out
 
 
@@ -261,10 +260,7 @@ def load_job_config(path: str | Path | None, sets: dict[str, Any] | None = None)
     data: dict[str, Any] = {}
     if path is not None:
         p = resolve_config(path)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {str(p)!r} is not valid YAML: {err}") from err
+        loaded = safe_yaml.load_file(p, "config file")
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"config file {str(p)!r}: expected a mapping at the top level")
         data = loaded or {}

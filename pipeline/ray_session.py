@@ -14,16 +14,19 @@ Ray is imported inside the functions: importing this module starts nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
 import yaml
+from ray._private import ray_constants
 from ray._private import state as ray_state
 from ray.dashboard.utils import get_address_for_submission_client
 
@@ -41,6 +44,9 @@ ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 ONEDNN_CACHE_CAPACITY = 16384
 # The cluster launcher's autoscaling config, on the head node (`ray up` writes it there).
 LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+# Ray's switch between a node other machines can join and a local-only one (its default on
+# macOS and Windows): set to 1, a local instance listens on this machine's network address too.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def connect(
@@ -95,21 +101,43 @@ def start_local(num_cpus: int, *, state_api: bool = False) -> str:
     """
     local_ray_env(num_cpus)
     if not state_api:
-        ray.init(num_cpus=num_cpus)
+        with loopback_node():
+            ray.init(num_cpus=num_cpus)
         return ""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     os.environ[API_SERVER_ENV] = url  # the raylet and every worker inherit it
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        runtime_env={"env_vars": {API_SERVER_ENV: url}},
-    )
+    with loopback_node():
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {API_SERVER_ENV: url}},
+        )
     return url
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """Within: a local instance started by `ray.init` gets 127.0.0.1 as its node address.
+
+    On Linux Ray gives a node the machine's network address (even for `--node-ip-address
+    127.0.0.1`), and binds to it or to every interface: the GCS, raylet and worker gRPC
+    servers, the dashboard agent, runtime-env agent and metrics exporter. A node whose address
+    is 127.0.0.1 binds all of them to the loopback (the dashboard is on 127.0.0.1 either way).
+    Ray's local-only mode gives it that address; Ray reads the switch once, at import, so it
+    is set here for the start and put back after. `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1` keeps
+    the network address.
+    """
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(LOCAL_ONLY_ENV, False)
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def local_ray_env(num_cpus: int) -> dict[str, str]:

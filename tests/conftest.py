@@ -14,6 +14,13 @@ from pathlib import Path
 import pytest
 
 SLOT = "train_slot"  # one unit on each node of `token_cluster`: 2 train workers land on 2 nodes
+# How soon the GCS declares a hung node dead: a health check every second, each given 2 s to
+# answer, dead after 5 misses in a row: ~15 s (Ray 2.60's defaults: 3 s, 10 s, 5 misses: ~65 s).
+HEALTH_CHECKS = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "5",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -72,5 +79,6 @@ def token_cluster() -> Iterator[object]:
         resources={SLOT: 1},
         extra_nodes=[NodeSpec(num_cpus=2, resources={SLOT: 1})],
         timeout=300,  # a loaded 2-core machine starts a node in ~30-90 s
+        system_env=HEALTH_CHECKS,
     ) as cluster:
         yield cluster

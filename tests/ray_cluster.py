@@ -59,6 +59,28 @@ class Nodes:
         self._procs = procs  # the cluster's list: [head, node0, node1, ...]
         self._start = start
         self.stopped: set[int] = set()
+        self.paused: set[int] = set()
+
+    def pause(self, i: int, only: str = "") -> None:
+        """Hang extra node `i` without killing it: SIGSTOP its whole session (raylet, workers),
+        or only its processes named `only` (e.g. "raylet": the workers run on)."""
+        for pid in session_pids(self._procs[1 + i].pid):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                if not only or Path(f"/proc/{pid}/comm").read_text().strip() == only:
+                    os.kill(pid, signal.SIGSTOP)
+        self.paused.add(i)
+
+    def resume(self, i: int) -> None:
+        """SIGCONT every process of paused node `i`."""
+        for pid in session_pids(self._procs[1 + i].pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.paused.discard(i)
+
+    def exited(self, i: int) -> bool:
+        """Whether every process of extra node `i`'s session has exited."""
+        self._procs[1 + i].poll()  # reap the `ray start` process: a zombie counts as exited
+        return not session_pids(self._procs[1 + i].pid)
 
     def stop(self, i: int) -> None:
         """Lose extra node `i` without warning: SIGKILL its whole session (raylet, workers)."""
@@ -75,8 +97,10 @@ class Nodes:
         self.stopped.discard(i)
 
     def restore(self) -> None:
-        """Start every node `stop` lost and a test left down (a failed test leaves the cluster
-        whole for the next one)."""
+        """Resume every node a test left paused and start every node `stop` lost and a test
+        left down (a failed test leaves the cluster whole for the next one)."""
+        for i in sorted(self.paused):
+            self.resume(i)
         for i in sorted(self.stopped):
             self.start(i)
 
@@ -241,6 +265,7 @@ def ray_cluster(
     resources: dict[str, float] | None = None,
     extra_nodes: Sequence[NodeSpec] = (),
     timeout: float = 120,
+    system_env: dict[str, str] | None = None,
 ) -> Iterator[RayCluster]:
     """Start a token-authenticated head (plus `extra_nodes`) on 127.0.0.1; stop them on exit.
 
@@ -249,6 +274,8 @@ def ray_cluster(
         resources: the head's custom resources.
         extra_nodes: worker nodes joined to the head, each its own `ray start`.
         timeout: seconds to wait for the dashboard, job agent and nodes.
+        system_env: more environment of every node and client, e.g. Ray's system config
+            (`RAY_health_check_period_ms`: how soon the GCS declares a hung node dead).
 
     Yields:
         a RayCluster; its `env` is what clients (ray.init, `ray job`, `panet submit`) run with.
@@ -260,7 +287,7 @@ def ray_cluster(
         with ExitStack() as stack:
             stack.callback(lambda: [stop_session(p) for p in reversed(procs)])
             token, token_path = generate_token(root / "home")
-            env = cluster_env(token_path)
+            env = {**cluster_env(token_path), **(system_env or {})}
             ray_bin = str(VENV_BIN / "ray")
             head = root / "head"
             logs = [root / "head.log"]

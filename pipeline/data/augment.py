@@ -13,7 +13,6 @@ its step count fixed (see `batches.iter_train_batches`).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
+
+from pipeline.data.image_limit import ImageTooLarge, open_image
 
 # What a training sample looks like on its way from `map_batches` to the train worker: the
 # image as raw RGB bytes at the augmented size, masks as compressed RLE at that size.
@@ -230,7 +231,9 @@ def _open_image(data: bytes, height: int, width: int) -> Image.Image:
     if not data:
         raise RecordError("bad image: empty bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
+    except ImageTooLarge as e:
+        raise RecordError(f"bad image: {e}") from None
     except UnidentifiedImageError:
         raise RecordError("bad image: not a recognizable image format") from None
     except Exception as e:  # PIL raises several unrelated types for garbage input

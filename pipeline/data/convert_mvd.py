@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline.data.image_limit import ImageTooLarge, open_image
 from pipeline.data.manifest import DataError
 from pipeline.data.plan import (
     ConversionPlan,
@@ -55,12 +55,14 @@ def read_id_map(path: Path, expected_hw: tuple[int, int], modes: tuple[str, ...]
         RecordProblem: missing, unreadable, not a PNG, wrong mode or wrong size.
     """
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # header first: a bomb is refused before decoding
             im.load()
             fmt, mode = im.format, im.mode
             ids = np.array(im)
     except FileNotFoundError:
         raise RecordProblem("missing_instances", "instance PNG not found") from None
+    except ImageTooLarge as e:
+        raise RecordProblem("image_too_large", f"instance PNG: {e}") from None
     except Exception as e:
         raise RecordProblem("bad_instance_png", f"not a readable PNG ({e})") from None
     if fmt != "PNG":

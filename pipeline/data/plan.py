@@ -9,15 +9,15 @@ manifest (or, under `--strict`, a `BadRecordError`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from pipeline.data.image_limit import ImageTooLarge, open_image
 from pipeline.data.manifest import DataError
 
 IMAGE_FORMATS = ("JPEG", "PNG")  # what the records contract promises readers in `image`
@@ -111,7 +111,8 @@ def read_image(path: Path, expected_hw: tuple[int, int] | None = None) -> tuple[
         (encoded bytes, height, width).
 
     Raises:
-        RecordProblem: missing, unreadable, undecodable, unsupported format or wrong size.
+        RecordProblem: missing, unreadable, undecodable, unsupported format, wrong size, or
+            more pixels than `image_limit.max_pixels()` (refused from the header).
     """
     try:
         data = path.read_bytes()
@@ -121,12 +122,14 @@ def read_image(path: Path, expected_hw: tuple[int, int] | None = None) -> tuple[
         raise RecordProblem("unreadable_image", f"cannot read image file ({e})") from None
     try:
         # verify() checks structure (PNG CRCs); load() decodes every pixel, catching truncation.
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             fmt = im.format
             im.verify()
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data) as im:
             im.load()
             w, h = im.size
+    except ImageTooLarge as e:
+        raise RecordProblem("image_too_large", str(e)) from None
     except UnidentifiedImageError:
         raise RecordProblem("undecodable_image", "not an image file (unknown format)") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files

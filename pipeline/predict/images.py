@@ -8,7 +8,6 @@ EXIF orientation applied, grayscale / palette / CMYK converted, alpha composited
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.data.image_limit import ImageTooLarge, open_image
 from pipeline.data.manifest import load_manifest, shard_paths
 
 # File extensions a folder is searched for (case-insensitive).
@@ -121,16 +121,19 @@ def decode(data: bytes, name: str) -> np.ndarray:
         (H, W, 3) uint8 RGB array.
 
     Raises:
-        ImageError: empty, unknown format, truncated or corrupt data, or an empty image.
+        ImageError: empty, unknown format, truncated or corrupt data, an empty image, or more
+            pixels than `image_limit.max_pixels()` (refused from the header, nothing decoded).
     """
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             img.load()  # decode now: truncated files fail here, not later
             rgb = to_rgb(ImageOps.exif_transpose(img))
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (unrecognised format)") from None
+    except ImageTooLarge as err:
+        raise ImageError(f"{name}: {err}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageError(f"{name}: cannot decode the image: {err}") from err
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:

@@ -14,9 +14,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-import yaml
-
 from panet_model.config import flatten
+from pipeline import safe_yaml
 from pipeline.args import AddParser, command_parser
 from pipeline.config import load_job_config, parse_set, resolve_config
 from pipeline.data.cli import add_parser as add_data_parser
@@ -130,7 +129,7 @@ def _check_cluster_config(config: Path | None, sets: list[str]) -> None:
     Raises:
         ValueError: listing each such key.
     """
-    raw = flatten(yaml.safe_load(config.read_text()) or {}) if config else {}
+    raw = flatten(safe_yaml.load_file(config, "config file") or {}) if config else {}
     raw.update(parse_set(sets))
     problems = []
     for key in SHARED_KEYS:

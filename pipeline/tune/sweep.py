@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from panet_model.config import flatten
+from pipeline import safe_yaml
 from pipeline.config import JobConfig, load_job_config, resolve_shipped
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform")
@@ -162,10 +163,7 @@ def load_sweep(name_or_path: str, name: str | None = None) -> Sweep:
 
 def _read_mapping(path: Path, where: str) -> dict[str, Any]:
     """The file's top-level mapping, its keys checked against TOP_KEYS."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise _fail(where, f"not valid YAML: {err}") from err
+    data = safe_yaml.load_file(path, "sweep file") or {}
     if not isinstance(data, dict):
         raise _fail(where, "expected a mapping at the top level")
     unknown = sorted(set(data) - TOP_KEYS)

@@ -201,6 +201,12 @@ def test_skip_resource_check_flag(tmp_path: Path, capsys: pytest.CaptureFixture)
 # ---------------------------------------------------------------------------------------------
 # A real two-node cluster: `ray job submit`, S3 storage, an MLflow server
 
+# After a node dies, Ray Train may first restart on a stale view of the cluster that still
+# holds it (Ray Data's autoscaling coordinator refreshes every 20 s) and wait for the worker
+# that cannot start, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default, 30 s here).
+START_TIMEOUT_S = 30
+HANG_BOUND_S = 150  # health checks (~15 s) + one start timeout + two restarts, on a loaded host
+
 
 @dataclass
 class Stack:
@@ -257,8 +263,11 @@ def _ray(stack: Stack, *args: str, timeout: float = 600) -> subprocess.Completed
     )
 
 
-def submit(stack: Stack, name: str, wait: bool, **sets: Any) -> subprocess.CompletedProcess:
-    """`ray job submit` of the tiny job, data and checkpoints on S3, MLflow on the server."""
+def submit(
+    stack: Stack, name: str, wait: bool, env: dict[str, str] | None = None, **sets: Any
+) -> subprocess.CompletedProcess:
+    """`ray job submit` of the tiny job, data and checkpoints on S3, MLflow on the server;
+    `env`: more environment of the job (driver, Train controller, workers)."""
     config = {
         "name": name,
         "data.train": stack.shards["train"],
@@ -277,7 +286,7 @@ def submit(stack: Stack, name: str, wait: bool, **sets: Any) -> subprocess.Compl
         "ray.max_failures": 3,
         **sets,
     }
-    runtime_env = {"env_vars": {**stack.s3_env, "MLFLOW_TRACKING_URI": stack.mlflow}}
+    runtime_env = {"env_vars": {**stack.s3_env, "MLFLOW_TRACKING_URI": stack.mlflow, **(env or {})}}
     args = ["job", "submit", "--address", stack.cluster.dashboard_url, "--working-dir", str(REPO)]
     args += ["--submission-id", name, "--runtime-env-json", json.dumps(runtime_env)]
     args += [] if wait else ["--no-wait"]
@@ -439,6 +448,43 @@ def test_elastic_job_shrinks_and_grows_back(whole_cluster: Stack) -> None:
     run = mlflow_run(stack, name)
     assert run.info.status == "FINISHED"
     assert storage.is_file(f"s3://panet/runs/{name}/step-00000040/state.pt")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_elastic_job_goes_on_when_a_node_hangs(whole_cluster: Stack) -> None:
+    """A node whose raylet hangs (SIGSTOP: alive, sockets open, answering nothing) instead of
+    dying: the job trains on without it within HANG_BOUND_S; resumed, the node leaves."""
+    stack, name = whole_cluster, "hung-node"
+    sets = {"solver.max_steps": 12, "checkpoint.every_steps": 3, "scaling.num_workers": [1, 2]}
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(START_TIMEOUT_S)}
+    assert submit(stack, name, wait=False, env=env, **sets).returncode == 0
+    deadline = time.monotonic() + 300
+    while not checkpoints(name, whole=False):  # no `ray job status` between: it takes seconds
+        assert time.monotonic() < deadline, job_logs(stack, name)[-6000:]
+        time.sleep(0.5)
+    hung = time.monotonic()
+    stack.cluster.nodes.pause(0, only="raylet")  # its workers run on, cut off from Ray
+
+    def resizes() -> list[dict]:
+        tags = mlflow_run(stack, name).data.tags
+        return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("resize.")]
+
+    down = wait_for("a resize to 1 worker", resizes, HANG_BOUND_S, stack, name)[0]
+    took = time.monotonic() - hung
+    print(f"\nhung raylet -> training on 1 worker after {took:.1f} s")
+    assert (down["old"], down["new"]) == (2, 1) and took < HANG_BOUND_S
+    stack.cluster.nodes.resume(0)
+    # Resumed, the raylet hears from the GCS that its node is dead and exits with its workers.
+    deadline = time.monotonic() + 60
+    while not stack.cluster.nodes.exited(0):
+        assert time.monotonic() < deadline, "the resumed node's processes did not exit"
+        time.sleep(1)
+    print(f"resumed node gone {time.monotonic() - hung:.1f} s after its raylet hung")
+    stack.cluster.nodes.stop(0)  # reaped; the fixture starts it again
+    assert finish(stack, name) == "SUCCEEDED", job_logs(stack, name)[-6000:]
+    assert checkpoints(name)[-1] == "step-00000012"  # and every checkpoint whole
+    assert mlflow_run(stack, name).info.status == "FINISHED"
 
 
 def wait_for_nodes(stack: Stack, n: int, timeout: float = 120) -> None:
