@@ -3,7 +3,8 @@
 An ASHA sweep whose poor trial (a learning rate that cannot learn) is stopped at the first
 rung and whose diverging trial fails without stopping the sweep; the parent run with its nested
 children, their params, metrics and final statuses, the results table and chart; an
-interrupted sweep restored by name; no placement group left behind. ASHA starts a process per
+interrupted sweep restored by name; an Optuna sweep interrupted and resumed with its study;
+no placement group left behind. ASHA starts a process per
 trial (an early stop ends it), FIFO hands a finished trial's process to the next.
 """
 
@@ -299,6 +300,7 @@ def test_optuna_sweep_interrupted_and_resumed(
         name="opt",
         samples=2,
         concurrency=1,
+        set={"data.scale_range": False},  # the choices are sets of short sides
         search={
             "algorithm": "optuna",
             "solver.base_lr": {"loguniform": [0.001, 0.005]},
