@@ -28,12 +28,12 @@ from pipeline.config import JobConfig
 from pipeline.ray_session import API_SERVER_ENV, autoscaler_max_resources
 from pipeline.train.preflight import preflight
 from pipeline.tune.callbacks import TRIAL_TAG, SweepTracker
+from pipeline.tune.parent import open_parent, reconcile_children
 from pipeline.tune.results import Row, best_row, status_of, write_results
 from pipeline.tune.search import STUDY_FILE, optuna_searcher, probes, searched_trial
 from pipeline.tune.sweep import Sweep, Trial, asha_rungs, check_trials, trial_job
 from pipeline.tune.trial import TRIAL_CPU, run_trial
 
-SWEEP_RUN = "sweep_run.json"  # in the sweep directory: the parent run's id and store
 SWEEP_RECORD = "sweep.json"  # in the sweep directory: the sweep and its expanded trials
 STATE_API_TIMEOUT_S = 30
 
@@ -209,46 +209,6 @@ def check_state_api(timeout: float = STATE_API_TIMEOUT_S) -> None:
         ) from err
 
 
-def open_parent(p: Prepared) -> str:
-    """The sweep's MLflow parent run: created once, its id kept in the sweep directory
-    (`tracking.open_run`, as a job's)."""
-    run_id = tracking.open_run(
-        p.sweep_dir / SWEEP_RUN,
-        p.tracking_uri,
-        p.base_job.tracking.experiment,
-        p.sweep.name,
-        {"sweep.name": p.sweep.name, "sweep.kind": "parent"},
-        "panet tune",
-        tracking.git_commit(),
-    )
-    # The parent run's records go through the sweep's outbox, as a job's (`run_sweep` closes it).
-    settings = tracking.OutboxSettings(
-        p.base_job.tracking.flush_timeout_s, p.base_job.tracking.retry_max_s
-    )
-    tracking.open_outbox(p.sweep_dir, p.tracking_uri, run_id, "driver", settings)
-    params = {
-        "sweep.name": p.sweep.name,
-        "sweep.file": p.sweep.path,
-        "sweep.metric": p.sweep.metric,
-        "sweep.mode": p.sweep.mode,
-        "sweep.scheduler": p.sweep.scheduler,
-        "sweep.samples": p.sweep.samples,
-        "sweep.seeds": p.sweep.seeds,
-        "sweep.algorithm": p.sweep.algorithm,
-        "sweep.searched_keys": sorted(p.sweep.search),
-        "sweep.trials": len(p.trials),
-        "sweep.max_failures": p.sweep.max_failures,
-    }
-    tracking.log_params(p.tracking_uri, run_id, params)
-    tracking.log_artifact_file(p.tracking_uri, run_id, p.sweep.path, "sweep")
-    tracking.log_dict(p.tracking_uri, run_id, p.base_job.to_dict(), "sweep/base_config.json")
-    space = {"set": p.sweep.set, "search": p.sweep.search}
-    space["variants"] = [asdict(v) for v in p.sweep.variants]
-    tracking.log_dict(p.tracking_uri, run_id, space, "sweep/search_space.json")
-    tracking.log_dict(p.tracking_uri, run_id, [asdict(t) for t in p.trials], "sweep/trials.json")
-    return run_id
-
-
 def trial_name(trial: Any) -> str:
     """Tune's name for a trial: the sweep's trial name and Tune's id."""
     return f"{trial.config['trial']}_{trial.trial_id}"
@@ -396,35 +356,11 @@ def collect(p: Prepared, trials: list[Any]) -> list[Row]:
     return rows
 
 
-def reconcile_children(p: Prepared, parent_run_id: str, rows: list[Row]) -> None:
-    """Each child run's final status and early-stop tags from the trials' outcome.
-
-    `SweepTracker` sets them as trials end; an interrupted trial is stopped like an early one,
-    so its run is set back here to KILLED, untagged, and a restore resumes it.
-    """
-    uri = p.tracking_uri
-    early = ["sweep.early_stopped", "sweep.stopped_at_step"]
-    runs = {r.data.tags.get(TRIAL_TAG): r for r in tracking.child_runs(uri, parent_run_id)}
-    for row in rows:
-        run = runs.get(row.trial)
-        if run is None:
-            continue
-        run_id = run.info.run_id
-        if row.status == "early-stopped":
-            tags = {"sweep.early_stopped": "true", "sweep.stopped_at_step": row.steps}
-            tracking.set_tags(uri, run_id, tags)
-        else:
-            tracking.delete_tags(uri, run_id, early)
-        status = {"failed": "FAILED", "unfinished": "KILLED"}.get(row.status, "FINISHED")
-        if run.info.status != status:  # ending it again would move its end time
-            tracking.finish_run(uri, run_id, status)
-
-
 def finish(p: Prepared, parent_run_id: str, rows: list[Row]) -> dict[str, Any]:
     """Results to the sweep directory and the parent run; the best trial marked, its model
     promoted to the sweep's champion (`tracking.promote_champion`) if it beats it."""
     uri = p.tracking_uri
-    reconcile_children(p, parent_run_id, rows)
+    reconcile_children(p.tracking_uri, parent_run_id, rows)
     title = f"sweep {p.sweep.name}: COCO AP per trial" + (
         " (hatched: the paper's)" if any(r.paper for r in rows) else ""
     )
@@ -482,7 +418,7 @@ def run_sweep(p: Prepared) -> dict[str, Any]:
     # Read here, on the head node, where the autoscaling config is; the trials get it too.
     growable = autoscaler_max_resources()
     max_concurrent = concurrency(p, ray.cluster_resources(), growable)
-    parent = open_parent(p)
+    parent = open_parent(p.sweep, p.trials, p.base_job, p.sweep_dir, p.tracking_uri)
     rungs = ""
     if p.sweep.scheduler == "asha":
         steps = asha_rungs(p.sweep, p.jobs[0].eval.every_steps, p.max_steps)

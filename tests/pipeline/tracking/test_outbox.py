@@ -41,7 +41,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 def test_parent_run_records_survive_an_outage(server, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = server.uri
-    # As `tune.runner.open_parent` opens a sweep's parent run, then its outbox.
+    # As `tune.parent.open_parent` opens a sweep's parent run, then its outbox.
     run_id = tracking.open_run(
         tmp_path / "sweep_run.json",
         uri,
