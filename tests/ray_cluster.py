@@ -122,7 +122,12 @@ def free_ports(n: int) -> list[int]:
 def cluster_env(token_path: Path) -> dict[str, str]:
     """The environment of the nodes and their clients: token auth on, the venv first on PATH."""
     env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    for key in (
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAY_AUTH_TOKEN",
+        "RAY_JOB_CONFIG_JSON_ENV_VAR",
+    ):
         env.pop(key, None)
     env.update(
         {

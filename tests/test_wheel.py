@@ -76,7 +76,7 @@ def test_the_installed_wheel_runs_shipped_sweeps_configs_and_entrypoints(install
         out = run([panet, "tune", "--sweep", "table3", "--config", config, "--dry-run"], cwd)
         assert "sweep 'table3': 9 trial(s)" in out.stdout and "panet-noMBN" in out.stdout
     out = run([panet, "tune", "--sweep", "demo", "--dry-run"], cwd)  # the sweep's own config
-    assert "sweep 'demo': 3 trial(s)" in out.stdout
+    assert "sweep 'demo': 6 trial(s)" in out.stdout
 
     out = run([py, "-m", "jobs.train", "--help"], cwd)
     assert out.stdout.startswith("usage: panet train")

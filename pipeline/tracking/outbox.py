@@ -227,6 +227,9 @@ class Outbox:
     def _send(self) -> None:
         delay = 0.5
         while not self._halt.is_set():
+            # Read before the pass: a pass that began before `close` may have missed the last
+            # records, so only one that began after it may end the thread.
+            closing = self._closing
             try:
                 idle = deliver_pass(self.root, self.journal, self.adopt, self._known)
             except Exception as err:  # noqa: BLE001 - a server or a disk error: try again
@@ -244,7 +247,7 @@ class Outbox:
             if self.failing_since is not None:
                 print(f"[tracking] MLflow records delivered again from {self.root}", flush=True)
             self.failing_since, delay = None, 0.5
-            if idle and self._closing:
+            if idle and closing:
                 return
             self._wake.wait(1.0 if idle else 0.5)
             self._wake.clear()

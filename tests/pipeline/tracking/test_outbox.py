@@ -127,3 +127,21 @@ def test_a_server_away_holds_up_only_its_own_journals(server, tmp_path) -> None:
     assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.5}
     assert left is not None and "run ffffffff" in left and "http://127.0.0.1:9" in left
     assert f"run {run_id}" not in left
+
+
+def test_records_logged_during_a_pass_are_delivered_by_close(mlflow_uri, tmp_path) -> None:
+    """`close` right after the last records: the sender, busy with an artifact when they came,
+    takes them too (a pass that began before `close` does not end the sender)."""
+    run_id = tracking.open_run(
+        tmp_path / "run.json", mlflow_uri, "outbox-close", "close", {}, "panet tune", "unknown"
+    )
+    box = tracking.open_outbox(tmp_path, mlflow_uri, run_id, "driver", Settings(60.0, 0.5))
+    big = tmp_path / "results.bin"
+    big.write_bytes(bytes(8 << 20))  # an upload that outlasts the calls below
+    for i in range(3):
+        tracking.log_artifact_file(mlflow_uri, run_id, big, f"results/{i}")
+    tracking.set_tags(mlflow_uri, run_id, {"sweep.best_trial": "good"})
+    tracking.finish_run(mlflow_uri, run_id, "FINISHED")
+    assert box.close() is None
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["sweep.best_trial"] == "good"

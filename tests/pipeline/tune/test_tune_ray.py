@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from pipeline.ray_session import start_local
+from pipeline.ray_session import API_SERVER_ENV, LOCAL_ONLY_ENV, start_local
 from pipeline.tune.runner import prepare, run_sweep
 from pipeline.tune.sweep import base_job, expand, load_sweep
 
@@ -56,15 +56,24 @@ def cluster() -> Iterator[str]:
     """One local Ray instance for every sweep of the module, with the dashboard (state API).
 
     In-process, not the session's token cluster: a process's Ray auth mode is fixed by its
-    first `ray.init`, and earlier tests of this process ran without a token."""
-    start_local(4, state_api=True)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    first `ray.init`, and earlier tests of this process ran without a token. The dashboard's
+    address `start_local` puts in the environment goes with the instance."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(API_SERVER_ENV, "")  # set by `start_local`; undone with the instance
+        start_local(4, state_api=True)
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def server(mlflow_uri: str) -> str:
     return mlflow_uri  # the session's server (tests/conftest.py)
+
+
+# The module's instance listens on 127.0.0.1 only (`ray_session.loopback_node`): a process that
+# joins it by address does so in Ray's local-only mode too, or Ray would swap 127.0.0.1 for the
+# machine's network address, where nothing listens.
+JOIN_LOOPBACK = {LOCAL_ONLY_ENV: "0"}
 
 
 def sweep_file(path: Path, **content) -> Path:
@@ -231,7 +240,7 @@ def test_interrupted_sweep_restores(
     sets = {**base_sets(shards, storage, server), "tracking.log_model": True}  # a champion
     for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
-    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO), **JOIN_LOOPBACK}
     env.pop("RAY_API_SERVER_ADDRESS", None)  # the driver finds it from the cluster's address
     env.pop("MLFLOW_TRACKING_URI", None)
     trials = storage / "sweeps" / "two" / "trials"
@@ -312,7 +321,7 @@ def test_optuna_sweep_interrupted_and_resumed(
     sets = {**base_sets(shards, storage, server), "solver.max_steps": 4}
     for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
-    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO), **JOIN_LOOPBACK}
     env.pop("MLFLOW_TRACKING_URI", None)
     sweep_dir = storage / "sweeps" / "opt"
 
