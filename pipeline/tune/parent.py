@@ -44,7 +44,7 @@ def open_parent(
         "sweep.seeds": sweep.seeds,
         "sweep.algorithm": sweep.algorithm,
         "sweep.searched_keys": sorted(sweep.search),
-        "sweetrials": len(trials),
+        "sweep.trials": len(trials),
         "sweep.max_failures": sweep.max_failures,
     }
     tracking.log_params(tracking_uri, run_id, params)
