@@ -82,3 +82,15 @@ def token_cluster() -> Iterator[object]:
         system_env=HEALTH_CHECKS,
     ) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def restartable_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """An `mlflow server` of the module's own, which its tests stop and start again (same port
+    and store; `tests/mlflow_server.RestartableServer`)."""
+    from tests.mlflow_server import RestartableServer
+
+    s = RestartableServer(tmp_path_factory.mktemp("mlflow_outage"))
+    s.start()
+    yield s
+    s.stop()

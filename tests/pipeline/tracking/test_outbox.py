@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,8 @@ from tests.mlflow_server import RestartableServer
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServer]:
-    s = RestartableServer(tmp_path_factory.mktemp("mlflow_outage"))
-    s.start()
-    yield s
-    s.stop()
+def server(restartable_mlflow: RestartableServer) -> RestartableServer:
+    return restartable_mlflow  # this module's own: its tests stop and start it
 
 
 def wait_for(condition, timeout: float, what: str) -> None:

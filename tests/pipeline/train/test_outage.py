@@ -41,11 +41,8 @@ def cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServer]:
-    s = RestartableServer(tmp_path_factory.mktemp("mlflow_outage"))
-    s.start()
-    yield s
-    s.stop()
+def server(restartable_mlflow: RestartableServer) -> RestartableServer:
+    return restartable_mlflow  # this module's own: its tests stop and start it
 
 
 @pytest.fixture(scope="module")
