@@ -2,10 +2,10 @@
 
 An ASHA sweep whose poor trial (a learning rate that cannot learn) is stopped at the first
 rung and whose diverging trial fails without stopping the sweep; the parent run with its nested
-children, their params, metrics and final statuses, the results table and chart; an
-interrupted sweep restored by name; an Optuna sweep interrupted and resumed with its study;
-no placement group left behind. ASHA starts a process per
-trial (an early stop ends it), FIFO hands a finished trial's process to the next.
+children, their params, metrics and final statuses, the results table and chart; an Optuna
+sweep interrupted and restored by name with its study, its champion registered once it ends;
+no placement group left behind. ASHA starts a process per trial (an early stop ends it), FIFO
+hands a finished trial's process to the next.
 """
 
 from __future__ import annotations
@@ -224,86 +224,14 @@ def wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float
         time.sleep(1)
 
 
-def test_interrupted_sweep_restores(
-    shards: dict, cluster: str, server: str, tmp_path: Path
-) -> None:
-    path = sweep_file(
-        tmp_path / "two.yaml",
-        name="two",
-        variants=[
-            {"name": "first", "set": {"seed": 0}},
-            {"name": "second", "set": {"seed": 1}},
-        ],
-    )
-    storage = tmp_path / "runs"
-    args = ["tune", "--sweep", str(path), "--config", str(CONFIG)]
-    sets = {**base_sets(shards, storage, server), "tracking.log_model": True}  # a champion
-    for key, value in sets.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO), **JOIN_LOOPBACK}
-    env.pop("RAY_API_SERVER_ADDRESS", None)  # the driver finds it from the cluster's address
-    env.pop("MLFLOW_TRACKING_URI", None)
-    trials = storage / "sweeps" / "two" / "trials"
-
-    log1 = tmp_path / "first.log"
-    before = trial_actors()
-    groups = frozenset(live_placement_groups(timeout=0))
-    proc = run_cli(args, env, log1)
-    # Interrupt once the second trial has its first checkpoint: the first one is finished.
-    wait_for(
-        "a checkpoint of the second trial",
-        lambda: any((trials / "second").glob("step-*/state.pt")),
-        proc,
-        log1,
-    )
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=300)
-    interrupted_at = sorted((trials / "second").glob("step-*"))[-1].name
-    assert not (trials / "second" / "step-00000006").exists(), "interrupted too late"
-    assert "| second | seed=1 |" in log1.read_text().split("| trial |")[-1]
-    assert "unfinished" in log1.read_text().split("| second |")[-1].splitlines()[0]
-    # FIFO: the second trial ran in the first one's process (one actor for the driver's job).
-    assert list((trial_actors() - before).values()) == [1]
-
-    log2 = tmp_path / "second.log"
-    proc = run_cli(args, env, log2)
-    assert proc.wait(timeout=1800) == 0, log2.read_text()[-4000:]
-    text = log2.read_text()
-    resumed = int(interrupted_at.split("-")[1])
-    assert f"resumed from the checkpoint at step {resumed}" in text
-    assert "resumed from the checkpoint at step 6" not in text  # the first trial is not rerun
-    assert "| first |" in text and "| second |" in text
-    assert "View experiment at" not in log1.read_text() + text  # MLflow's own links, off
-    assert "@champion" not in log1.read_text()  # an interrupted sweep promotes nothing
-    assert "[tune] registered v1 as two@champion (segm_AP " in text
-
-    client = MlflowClient(server)
-    parent = json.loads((storage / "sweeps" / "two" / "sweep_run.json").read_text())["run_id"]
-    kids = children(client, parent)
-    assert set(kids) == {"first", "second"}  # the restored trial went on in its own run
-    exp = client.get_run(parent).info.experiment_id
-    assert len(client.search_runs([exp], "tags.`sweep.trial` = 'second'")) == 1
-    steps = sorted(m.step for m in client.get_metric_history(kids["second"].info.run_id, "segm/AP"))
-    assert steps == [2, 4, 6]  # each evaluation once, before and after the interruption
-    assert all(r.info.status == "FINISHED" for r in kids.values())
-    assert "sweep.early_stopped" not in kids["second"].data.tags  # interrupted, not stopped
-    assert client.get_run(parent).info.status == "FINISHED"
-    best = kids[client.get_run(parent).data.params["best.trial"]]
-    champion = MlflowClient(server, registry_uri=server).get_model_version_by_alias(
-        "two", "champion"
-    )
-    assert champion.run_id == best.info.run_id
-    held = float(champion.tags["panet.metric_value"])
-    assert held == pytest.approx(best.data.metrics["segm/AP"], abs=1e-6)
-    assert live_placement_groups(before=groups) == []
-
-
 def test_optuna_sweep_interrupted_and_resumed(
     shards: dict, cluster: str, server: str, tmp_path: Path
 ) -> None:
     """Optuna draws each trial's values (a list-valued choice included); the sweep, interrupted in
-    its second trial, resumes it with the same values, and the study beside the results holds
-    both trials with the scores MLflow has. The parent run carries the search picture."""
+    its second trial (`Tuner.restore`, as for a grid sweep), resumes that trial with the same
+    values in the same MLflow run and does not rerun the first; the study beside the results
+    holds both trials with the scores MLflow has. The parent run carries the search picture, and
+    only the finished sweep registers its champion."""
     path = sweep_file(
         tmp_path / "opt.yaml",
         name="opt",
@@ -319,13 +247,16 @@ def test_optuna_sweep_interrupted_and_resumed(
     storage = tmp_path / "runs"
     args = ["tune", "--sweep", str(path), "--config", str(CONFIG)]
     sets = {**base_sets(shards, storage, server), "solver.max_steps": 4}
+    sets["tracking.log_model"] = True  # a champion to register
     for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
     env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO), **JOIN_LOOPBACK}
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the driver finds it from the cluster's address
     env.pop("MLFLOW_TRACKING_URI", None)
     sweep_dir = storage / "sweeps" / "opt"
 
     log1 = tmp_path / "first.log"
+    before = trial_actors()
     groups = frozenset(live_placement_groups(timeout=0))
     proc = run_cli(args, env, log1)
     second = sweep_dir / "trials" / "trial-001"
@@ -334,14 +265,22 @@ def test_optuna_sweep_interrupted_and_resumed(
     )
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=300)
+    first_log = log1.read_text()
     assert not (second / "step-00000004").exists(), "interrupted too late"
-    assert "the sweep was interrupted" in log1.read_text()
+    assert "the sweep was interrupted" in first_log
+    assert "unfinished" in first_log.split("| trial-001 |")[-1].splitlines()[0]
+    assert "@champion" not in first_log  # an interrupted sweep promotes nothing
+    # FIFO: the second trial ran in the first one's process (one actor for the driver's job).
+    assert list((trial_actors() - before).values()) == [1]
 
     log2 = tmp_path / "second.log"
     proc = run_cli(args, env, log2)
     assert proc.wait(timeout=1800) == 0, log2.read_text()[-4000:]
     text = log2.read_text()
     assert "resumed from the checkpoint at step 2" in text, text[-4000:]
+    assert "resumed from the checkpoint at step 4" not in text  # the first trial is not rerun
+    assert "View experiment at" not in first_log + text  # MLflow's own links, off
+    assert "[tune] registered v1 as opt@champion (segm_AP " in text
 
     journal = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
     study = optuna.load_study(study_name="opt", storage=journal)
@@ -351,6 +290,9 @@ def test_optuna_sweep_interrupted_and_resumed(
     parent = json.loads((sweep_dir / "sweep_run.json").read_text())["run_id"]
     kids = children(client, parent)
     assert set(kids) == {"trial-000", "trial-001"}
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(runs) == 2  # the restored trial went on in its own run
     for number, trial in done.items():
         run = kids[f"trial-{number:03d}"]
         assert run.info.status == "FINISHED"
@@ -363,8 +305,11 @@ def test_optuna_sweep_interrupted_and_resumed(
         )
         assert trial.value == pytest.approx(run.data.metrics["segm/AP"], abs=1e-9)
     resumed = client.get_metric_history(kids["trial-001"].info.run_id, "segm/AP")
-    assert sorted(m.step for m in resumed) == [2, 4]
-    params = client.get_run(parent).data.params
+    assert sorted(m.step for m in resumed) == [2, 4]  # each evaluation once, across the break
+    assert "sweep.early_stopped" not in kids["trial-001"].data.tags  # interrupted, not stopped
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    params = parent_run.data.params
     assert params["sweep.algorithm"] == "optuna"
     assert params["sweep.searched_keys"] == json.dumps(["data.train_scales", "solver.base_lr"])
     artifacts = {a.path for a in client.list_artifacts(parent, "results")}
@@ -372,4 +317,11 @@ def test_optuna_sweep_interrupted_and_resumed(
     assert {a.path for a in client.list_artifacts(parent, "optuna")} == {"optuna/optuna.journal"}
     table = (sweep_dir / "results" / "results.md").read_text()
     assert "| trial-001 |" in table and "finished" in table.split("| trial-001 |")[1]
+    best = kids[params["best.trial"]]
+    champion = MlflowClient(server, registry_uri=server).get_model_version_by_alias(
+        "opt", "champion"
+    )
+    assert champion.run_id == best.info.run_id
+    held = float(champion.tags["panet.metric_value"])
+    assert held == pytest.approx(best.data.metrics["segm/AP"], abs=1e-6)
     assert live_placement_groups(before=groups) == []
