@@ -99,6 +99,7 @@ class RaySection:
     address: str = ""  # cluster address; empty = RAY_ADDRESS or a new local instance
     num_cpus: int = 0  # logical CPUs of a new local instance, 0 = enough for workers + data
     max_failures: int = 3  # worker failures recovered from the last checkpoint
+    capacity_wait_s: float = 1800.0  # room to restart the workers, awaited this long (0: no limit)
     check_resources: bool = True  # refuse a job the cluster cannot hold (autoscaling: warn)
 
 
@@ -171,6 +172,7 @@ class JobConfig:
         require(len(self.data.train_scales) > 0, "data.train_scales", "at least one size")
         require(0 <= self.data.flip_prob <= 1, "data.flip_prob", "a probability")
         require(self.data.decode_cpus > 0, "data.decode_cpus", "> 0")
+        require(self.ray.capacity_wait_s >= 0, "ray.capacity_wait_s", ">= 0 (0: wait for ever)")
         require(self.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s", ">= 0")
         require(self.tracking.retry_max_s > 0, "tracking.retry_max_s", "> 0")
         require(self.data.decode_concurrency >= 0, "data.decode_concurrency", ">= 0 (0: no cap)")

@@ -89,6 +89,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"panet train: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from pipeline.train.capacity import CapacityError
+
+        if not isinstance(err, CapacityError):
+            raise
+        print(f"panet train: {err}", file=sys.stderr)
+        return 1
     print_summary(result)
     return 0
 

@@ -24,6 +24,7 @@ from pipeline import ray_session, storage, tracking
 from pipeline.config import JobConfig, decode_options
 from pipeline.data.reader import ReaderDataConfig, build_eval_dataset, build_train_dataset
 from pipeline.failures import result_box, take_answer
+from pipeline.train import capacity
 from pipeline.train.checkpoints import latest_state_file, location
 from pipeline.train.loop import outbox_settings, train_loop_per_worker
 from pipeline.train.preflight import Plan, check_cluster_storage, check_resources, preflight
@@ -184,7 +185,10 @@ def build_trainer(
                 checkpoint_score_attribute="segm_AP",
                 checkpoint_score_order="max",
             ),
-            failure_config=FailureConfig(max_failures=job.ray.max_failures),
+            failure_config=FailureConfig(
+                max_failures=job.ray.max_failures,
+                controller_failure_limit=capacity.controller_failure_limit(job.ray.capacity_wait_s),
+            ),
             worker_runtime_env=ray_session.worker_env(),
             callbacks=callbacks,
         ),
@@ -235,7 +239,21 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
         flush=True,
     )
     results = result_box()
-    result = fit_run(build_trainer(job, plan, uri, run_id, results), uri, run_id, results)
+    trainer = build_trainer(job, plan, uri, run_id, results)
+    dead_before = capacity.dead_nodes()
+    try:
+        result = fit_run(trainer, uri, run_id, results)
+    except Exception as err:
+        if not capacity.timed_out(err):
+            raise
+        sc = job.scaling
+        elastic = 0 < sc.min_workers < sc.num_workers
+        workers = f"{sc.min_workers} to {sc.num_workers}" if elastic else str(sc.num_workers)
+        resources = _scaling_config(job).resources_per_worker
+        message = capacity.explain(
+            job.name, job.ray.capacity_wait_s, workers, resources, dead_before
+        )
+        raise capacity.CapacityError(message) from err
     checkpoint = (
         location(result.checkpoint.filesystem, result.checkpoint.path)
         if result.checkpoint
