@@ -6,14 +6,21 @@ with `WorkerGroupStartupTimeoutError`, a controller failure Ray retries `control
 times (unbounded by default: a fixed-size job whose node never returns would wait for ever, its
 MLflow run RUNNING). `ray.capacity_wait_s` bounds the waiting: the limit is that many seconds of
 start timeouts, counted over the job's driver (Ray keeps one count per `fit`, never reset). Then
-`run_training` raises `CapacityError` naming the nodes lost since the job started, and the run
-ends FAILED; running the job again resumes it from its last checkpoint.
+`stop_said`, around the driver's `fit`, raises `CapacityError` naming the nodes lost since the
+job started; the run has ended FAILED, and running the job again resumes it from its last
+checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
 # Ray Train V2's variable and default (ray/train/v2/_internal/constants.py, Ray 2.60).
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -42,15 +49,11 @@ def controller_failure_limit(wait_s: float) -> int:
 
 def dead_nodes() -> set[str]:
     """The ids of the cluster's nodes that have died so far (Ray lists them until it restarts)."""
-    import ray
-
     return {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
 
 
 def timed_out(err: BaseException) -> bool:
     """Whether Ray Train gave up starting the workers (`WorkerGroupStartupTimeoutError`)."""
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
@@ -61,23 +64,32 @@ def timed_out(err: BaseException) -> bool:
     return False
 
 
-def explain(
-    job_name: str,
-    wait_s: float,
-    workers: str,
-    resources: dict[str, float],
-    dead_before: set[str],
-) -> str:
+@contextlib.contextmanager
+def stop_said(job_name: str, wait_s: float, scaling: Any) -> Iterator[None]:
+    """Within: a Ray Train run that gave up starting its workers raises `CapacityError` with
+    `explain`'s message (other errors pass through).
+
+    Args:
+        job_name, wait_s: the job's name and `ray.capacity_wait_s`.
+        scaling: the trainer's `ScalingConfig`.
+    """
+    dead_before = dead_nodes()
+    try:
+        yield
+    except Exception as err:
+        if not timed_out(err):
+            raise
+        raise CapacityError(explain(job_name, wait_s, scaling, dead_before)) from err
+
+
+def explain(job_name: str, wait_s: float, scaling: Any, dead_before: set[str]) -> str:
     """The message of a job stopped for want of room: what it waited for, which nodes it lost.
 
     Args:
         job_name, wait_s: the job's name and `ray.capacity_wait_s`.
-        workers: how many workers it asked for ("2", "1 to 2").
-        resources: what one worker asks for.
+        scaling: the trainer's `ScalingConfig` (`num_workers`: a count, or (min, max) elastic).
         dead_before: `dead_nodes()` when the job started.
     """
-    import ray
-
     # Those that joined during the job too (a lost node started again, then lost for good).
     dead = [n for n in ray.nodes() if not n["Alive"] and n["NodeID"] not in dead_before]
     lost = "; ".join(
@@ -90,10 +102,12 @@ def explain(
         if lost
         else "no node has died since it started (other work may hold the room)"
     )
+    workers = scaling.num_workers
+    count = f"{workers[0]} to {workers[1]}" if isinstance(workers, tuple) else str(workers)
     return (
-        f"job {job_name!r} stopped: no room on the cluster for its {workers} workers "
-        f"({resources} each) for {wait_s:g} s (ray.capacity_wait_s; one try waits "
-        f"{start_timeout_s():g} s, {START_TIMEOUT_ENV}); {where}. Bring nodes with that room "
-        "back or lower scaling.num_workers, then run the job again: it resumes from its last "
-        "checkpoint."
+        f"job {job_name!r} stopped: no room on the cluster for its {count} workers "
+        f"({scaling.resources_per_worker} each) for {wait_s:g} s (ray.capacity_wait_s; one try "
+        f"waits {start_timeout_s():g} s, {START_TIMEOUT_ENV}); {where}. Bring nodes with that "
+        "room back or lower scaling.num_workers, then run the job again: it resumes from its "
+        "last checkpoint."
     )

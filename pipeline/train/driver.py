@@ -240,20 +240,8 @@ def run_training(job: JobConfig, *, allow_changes: bool = False) -> dict[str, An
     )
     results = result_box()
     trainer = build_trainer(job, plan, uri, run_id, results)
-    dead_before = capacity.dead_nodes()
-    try:
+    with capacity.stop_said(job.name, job.ray.capacity_wait_s, trainer.scaling_config):
         result = fit_run(trainer, uri, run_id, results)
-    except Exception as err:
-        if not capacity.timed_out(err):
-            raise
-        sc = job.scaling
-        elastic = 0 < sc.min_workers < sc.num_workers
-        workers = f"{sc.min_workers} to {sc.num_workers}" if elastic else str(sc.num_workers)
-        resources = _scaling_config(job).resources_per_worker
-        message = capacity.explain(
-            job.name, job.ray.capacity_wait_s, workers, resources, dead_before
-        )
-        raise capacity.CapacityError(message) from err
     checkpoint = (
         location(result.checkpoint.filesystem, result.checkpoint.path)
         if result.checkpoint
