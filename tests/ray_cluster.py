@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -226,6 +227,15 @@ def stop_session(proc: subprocess.Popen, timeout: float = 15) -> None:
         time.sleep(0.2)
 
 
+def stop_sessions(procs: list[subprocess.Popen]) -> None:
+    """`stop_session` of every node at once (each waits for its own processes to go)."""
+    threads = [threading.Thread(target=stop_session, args=(p,)) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _start_node(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         # Its own session: its raylet, GCS, dashboard and workers are found and stopped by sid.
@@ -290,7 +300,7 @@ def ray_cluster(
     procs: list[subprocess.Popen] = []
     try:
         with ExitStack() as stack:
-            stack.callback(lambda: [stop_session(p) for p in reversed(procs)])
+            stack.callback(lambda: stop_sessions(procs))
             token, token_path = generate_token(root / "home")
             env = {**cluster_env(token_path), **(system_env or {})}
             ray_bin = str(VENV_BIN / "ray")

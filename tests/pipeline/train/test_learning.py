@@ -3,8 +3,8 @@
 The data, model and recipe of `make demo` (600 training and 80 held-out validation images of
 other seeds, 4 images a step, AdamW at lr 0.003 decaying linearly to zero, class-agnostic box
 regression, 300 steps), scored with pycocotools on the held-out images; then `panet eval`
-scores the final checkpoint on 2 workers with each test-time trick (flip, multi-scale), which
-must not lower segm AP. (That a 2-worker `panet eval`
+scores the job directory's latest checkpoint on 2 workers with each test-time trick (flip,
+multi-scale), which must not lower segm AP. (That a 2-worker `panet eval`
 reproduces the training's own evaluation is checked in tests/pipeline/train/test_storage.py; the
 model's forward with both tricks, in tests/panet_model/test_tta.py.)
 
@@ -76,13 +76,16 @@ def test_tiny_learns_the_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFix
         result = run_training(job)
         final = tmp_path / "runs" / job.name / f"step-{job.solver.max_steps:08d}"
         capsys.readouterr()
-        evaluate = ["eval", "--checkpoint", str(final), "--data", str(val), "--workers", "2"]
-        evaluate += ["--batch-size", str(job.eval.batch_size)]
+        # On the job directory: its latest checkpoint, said so.
+        evaluate = ["eval", "--checkpoint", str(final.parent), "--data", str(val)]
+        evaluate += ["--workers", "2", "--batch-size", str(job.eval.batch_size)]
         # The paper's test-time tricks (Sec. 4.2) through the distributed evaluation.
         tricks = {}
         for name, sets in TRICKS.items():
             assert cli_main([*evaluate, *(a for s in sets for a in ("--set", s))]) == 0, name
-            tricks[name] = parse_table(capsys.readouterr().out)
+            out = capsys.readouterr().out
+            assert f"{final.name} (latest of 1 in " in out, out[-2000:]
+            tricks[name] = parse_table(out)
     finally:
         ray.shutdown()
     metrics = result["metrics"]

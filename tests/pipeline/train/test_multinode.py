@@ -383,18 +383,6 @@ def alive_nodes(stack: Stack) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_submitted_job_trains_on_two_nodes(stack: Stack) -> None:
-    out = submit(stack, "two-nodes", wait=True, **{"solver.max_steps": 2})
-    assert job_status(stack, "two-nodes") == "SUCCEEDED", out.stdout[-6000:] + out.stderr[-3000:]
-    run = mlflow_run(stack, "two-nodes")
-    nodes = json.loads(run.data.tags["worker_nodes"])
-    assert len(set(nodes)) == 2 and set(nodes) <= cluster_node_ids(stack)
-    assert run.info.status == "FINISHED" and run.data.metrics["world_size"] == 2
-    assert checkpoints("two-nodes") == ["step-00000002"]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
 def test_a_lost_node_back_resumes_in_place_and_one_gone_for_good_stops_the_job(
     whole_cluster: Stack,
 ) -> None:
@@ -402,10 +390,11 @@ def test_a_lost_node_back_resumes_in_place_and_one_gone_for_good_stops_the_job(
     same job. It loses it again for good: after `ray.capacity_wait_s` it stops, naming the node,
     its run FAILED and its checkpoints whole."""
     stack, name = whole_cluster, "node-loss"
-    # Start tries of 10 s, 40 s in all over the job (`pipeline/train/capacity.py`): the first
-    # loss may use up to two tries while the node restarts; the second one ends the job.
+    # Start tries of 10 s, 30 s in all over the job (`pipeline/train/capacity.py`): the first
+    # loss may use a try while the node restarts (back ~10 s after it went); the second loss
+    # uses up the rest and ends the job.
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
-    sets = {"solver.max_steps": 40, "checkpoint.every_steps": 3, "ray.capacity_wait_s": 40}
+    sets = {"solver.max_steps": 40, "checkpoint.every_steps": 3, "ray.capacity_wait_s": 30}
     # Long enough that the node is lost twice mid-job on a fast host too (checkpoints every 3
     # steps; the node goes down as soon as one is seen); the job never reaches the end.
     assert submit(stack, name, wait=False, env=env, **sets).returncode == 0
@@ -490,7 +479,10 @@ def test_elastic_job_goes_on_when_a_node_hangs_and_grows_back(whole_cluster: Sta
     assert finish(stack, name) == "SUCCEEDED", job_logs(stack, name)[-6000:]
     up = resizes()[1]
     assert (up["old"], up["new"]) == (1, 2) and up["step"] > down["step"]
-    assert mlflow_run(stack, name).info.status == "FINISHED"
+    run = mlflow_run(stack, name)
+    assert run.info.status == "FINISHED" and run.data.metrics["world_size"] == 2
+    nodes = json.loads(run.data.tags["worker_nodes"])  # one rank on each node at the end
+    assert len(set(nodes)) == 2 and set(nodes) <= cluster_node_ids(stack)
     assert checkpoints(name)[-1] == "step-00000040"  # and every checkpoint whole
     assert storage.is_file(f"s3://panet/runs/{name}/step-00000040/state.pt")
 

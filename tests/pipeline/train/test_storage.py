@@ -135,7 +135,8 @@ def test_default_sqlite_store_is_refused_for_object_storage(s3_shards) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_train_resume_and_eval_on_s3(s3_shards, mlflow_uri: str) -> None:
-    """Shards and checkpoints on S3: train, resume from the S3 checkpoint, eval it."""
+    """Shards and checkpoints on S3: train; resume from the S3 checkpoint before a corrupt one;
+    eval the last."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -148,7 +149,7 @@ def test_train_resume_and_eval_on_s3(s3_shards, mlflow_uri: str) -> None:
         "data.val": s3_shards["val"],
         "data.train_scales": [128, 160],
         "data.max_size": 200,
-        "solver.max_steps": 2,
+        "solver.max_steps": 4,
         "solver.warmup_steps": 1,
         "checkpoint.every_steps": 2,
         "eval.every_steps": 0,
@@ -162,26 +163,22 @@ def test_train_resume_and_eval_on_s3(s3_shards, mlflow_uri: str) -> None:
     try:
         sets["tracking.uri"] = server = mlflow_uri
         first = run_training(load_job_config(CONFIG, sets))
-        assert first["checkpoint"] == "s3://panet/runs/s3-job/step-00000002"
-        assert storage.is_file(first["checkpoint"] + "/state.pt")
+        assert first["checkpoint"] == "s3://panet/runs/s3-job/step-00000004"
+        assert storage.is_file("s3://panet/runs/s3-job/step-00000002/state.pt")
         assert set(first["metrics"]) >= {"segm/AP", "bbox/AP"}
-        # Resume: two more steps from the S3 checkpoint, into the same MLflow run.
-        second = run_training(load_job_config(CONFIG, {**sets, "solver.max_steps": 4}))
-        assert second["checkpoint"] == "s3://panet/runs/s3-job/step-00000004"
-        assert second["run_id"] == first["run_id"]
-        history = MlflowClient(server).get_metric_history(first["run_id"], "train/loss")
-        assert sorted(m.step for m in history) == [1, 2, 3, 4]
-        metrics = run_eval_job(second["checkpoint"], s3_shards["val"], 2, 2)
-        assert len(metrics) == 12 and metrics == pytest.approx(second["metrics"])
-        # Step 4's state.pt cut at half: the re-run goes on from step 2, not failing, and
-        # writes the new step 4 beside the one Ray Train still lists.
-        cut = second["checkpoint"] + "/state.pt"
+        # Step 4's state.pt cut at half: the re-run resumes from the S3 checkpoint of step 2
+        # into the same MLflow run and trains on to step 6.
+        cut = first["checkpoint"] + "/state.pt"
         data = storage.read_bytes(cut)
         storage.write_bytes(cut, data[: len(data) // 2])
-        third = run_training(load_job_config(CONFIG, {**sets, "solver.max_steps": 4}))
-        assert third["checkpoint"] == "s3://panet/runs/s3-job/step-00000004-2"
-        assert load_state(third["checkpoint"])["step"] == 4
+        second = run_training(load_job_config(CONFIG, {**sets, "solver.max_steps": 6}))
+        assert second["checkpoint"] == "s3://panet/runs/s3-job/step-00000006"
+        assert second["run_id"] == first["run_id"]
+        assert load_state(second["checkpoint"])["step"] == 6
+        # Steps 3 and 4 twice: trained on from step 2, not from the cut step 4.
         history = MlflowClient(server).get_metric_history(first["run_id"], "train/loss")
-        assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4]
+        assert sorted(m.step for m in history) == [1, 2, 3, 3, 4, 4, 5, 6]
+        metrics = run_eval_job(second["checkpoint"], s3_shards["val"], 2, 2)
+        assert len(metrics) == 12 and metrics == pytest.approx(second["metrics"])
     finally:
         ray.shutdown()

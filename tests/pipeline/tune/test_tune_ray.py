@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "jobs" / "configs" / "tiny_synth.yaml"
-BUDGET = {  # a tiny trial: 6 steps of 128-160 px images, evaluated every 2 steps
+BUDGET = {  # a tiny trial: 6 steps of 128-160 px images on one worker, evaluated every 2 steps
+    "scaling.num_workers": 1,
     "solver.max_steps": 6,
     "solver.warmup_steps": 0,
     "eval.every_steps": 2,
@@ -46,7 +47,7 @@ BUDGET = {  # a tiny trial: 6 steps of 128-160 px images, evaluated every 2 step
     "log_every": 2,
     "data.train_scales": [128, 160],
     "data.max_size": 200,
-    "eval.pictures": 1,
+    "eval.pictures": 0,
     "tracking.log_model": False,
 }
 
@@ -241,7 +242,7 @@ def test_optuna_sweep_interrupted_and_resumed(
     )
     storage = tmp_path / "runs"
     args = ["tune", "--sweep", str(path), "--config", str(CONFIG)]
-    sets = {**base_sets(shards, storage, server), "solver.max_steps": 4}
+    sets = base_sets(shards, storage, server)
     sets["tracking.log_model"] = True  # a champion to register
     for key, value in sets.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
@@ -261,7 +262,8 @@ def test_optuna_sweep_interrupted_and_resumed(
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=300)
     first_log = log1.read_text()
-    assert not (second / "step-00000004").exists(), "interrupted too late"
+    interrupted_at = int(sorted(second.glob("step-*"))[-1].name.split("-")[1])
+    assert not (second / "step-00000006").exists(), "interrupted too late"
     assert "the sweep was interrupted" in first_log
     assert "unfinished" in first_log.split("| trial-001 |")[-1].splitlines()[0]
     assert "@champion" not in first_log  # an interrupted sweep promotes nothing
@@ -272,8 +274,8 @@ def test_optuna_sweep_interrupted_and_resumed(
     proc = run_cli(args, env, log2)
     assert proc.wait(timeout=1800) == 0, log2.read_text()[-4000:]
     text = log2.read_text()
-    assert "resumed from the checkpoint at step 2" in text, text[-4000:]
-    assert "resumed from the checkpoint at step 4" not in text  # the first trial is not rerun
+    assert f"resumed from the checkpoint at step {interrupted_at}" in text, text[-4000:]
+    assert "resumed from the checkpoint at step 6" not in text  # the first trial is not rerun
     assert "View experiment at" not in first_log + text  # MLflow's own links, off
     assert "[tune] registered v1 as opt@champion (segm_AP " in text
 
@@ -300,7 +302,7 @@ def test_optuna_sweep_interrupted_and_resumed(
         )
         assert trial.value == pytest.approx(run.data.metrics["segm/AP"], abs=1e-9)
     resumed = client.get_metric_history(kids["trial-001"].info.run_id, "segm/AP")
-    assert sorted(m.step for m in resumed) == [2, 4]  # each evaluation once, across the break
+    assert sorted(m.step for m in resumed) == [2, 4, 6]  # each evaluation once, across the break
     assert "sweep.early_stopped" not in kids["trial-001"].data.tags  # interrupted, not stopped
     parent_run = client.get_run(parent)
     assert parent_run.info.status == "FINISHED"
